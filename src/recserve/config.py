@@ -58,6 +58,8 @@ class TableConfig:
     """Storage type of rows; int8 is row-wise quantised with per-row scale and bias."""
     placement: Placement = "auto"
     """Where rows live; ``auto`` lets the planner decide."""
+    pooled: bool = True
+    """Whether requests carry a pooled feature for this table (False: read only by sequences)."""
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
@@ -132,11 +134,24 @@ class ModelConfig:
         if dup:
             raise ValueError(f"model {self.name!r}: duplicate feature names {sorted(dup)}")
         table_names = {t.name for t in self.tables}
+        if not any(t.pooled for t in self.tables):
+            raise ValueError(f"model {self.name!r}: at least one table must be pooled")
         for s in self.sequences:
             if s.table not in table_names:
                 raise ValueError(f"sequence {s.name!r} refers to unknown table {s.table!r}")
         if self.num_tasks < 1:
             raise ValueError(f"model {self.name!r}: num_tasks must be >= 1")
+
+    @property
+    def feature_keys(self) -> tuple[str, ...]:
+        """Keys of a request's sparse features: pooled tables, then sequences, in config order."""
+        return tuple(t.name for t in self.tables if t.pooled) + tuple(
+            s.name for s in self.sequences
+        )
+
+    @property
+    def pooled_tables(self) -> tuple[TableConfig, ...]:
+        return tuple(t for t in self.tables if t.pooled)
 
     @property
     def embedding_bytes(self) -> int:

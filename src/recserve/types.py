@@ -41,7 +41,7 @@ class KeyedJagged:
         """``[F + 1]`` positions in ``values`` where each feature starts (cached on the host)."""
         if self.offset_per_key is None:
             b = self.batch_size
-            self.offset_per_key = self.offsets[:: b].tolist() if b else [0] * (len(self.keys) + 1)
+            self.offset_per_key = self.offsets[::b].tolist() if b else [0] * (len(self.keys) + 1)
         return self.offset_per_key
 
     @classmethod
@@ -125,7 +125,9 @@ class KeyedJagged:
         return _concat(self.keys, parts, stop - start, w)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> KeyedJagged:
-        key_offsets = self.key_offsets() if self.offsets.device.type == "cpu" else self.offset_per_key
+        key_offsets = (
+            self.key_offsets() if self.offsets.device.type == "cpu" else self.offset_per_key
+        )
         return KeyedJagged(
             self.keys,
             self.values.to(device, non_blocking=non_blocking),
@@ -209,14 +211,16 @@ def validate_batch(batch: Batch, config: ModelConfig, max_items: int | None = No
 
 def validate_sparse(sparse: KeyedJagged, config: ModelConfig) -> None:
     """The sparse half of :func:`validate_batch`."""
-    expected = tuple(t.name for t in config.tables) + tuple(s.name for s in config.sequences)
+    expected = config.feature_keys
     if set(sparse.keys) != set(expected) or len(sparse.keys) != len(expected):
         missing = sorted(set(expected) - set(sparse.keys))
         extra = sorted(set(sparse.keys) - set(expected))
         raise ValueError(f"sparse features: missing {missing}, unexpected {extra}")
     values, offsets, b = sparse.values, sparse.offsets, sparse.batch_size
     if values.dtype != torch.int64 or values.dim() != 1:
-        raise ValueError(f"sparse values: expected 1-D int64, got {values.dtype} {list(values.shape)}")
+        raise ValueError(
+            f"sparse values: expected 1-D int64, got {values.dtype} {list(values.shape)}"
+        )
     n_off = len(sparse.keys) * b + 1
     if offsets.dim() != 1 or offsets.numel() != n_off:
         raise ValueError(f"sparse offsets: expected {n_off} entries, got {list(offsets.shape)}")

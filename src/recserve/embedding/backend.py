@@ -164,7 +164,7 @@ class TorchBackend(EmbeddingBackend):
     ) -> torch.Tensor:
         b = batch_size
         if key_offsets is None:
-            key_offsets = offsets[:: b].tolist()
+            key_offsets = offsets[::b].tolist()
         outs = []
         for i, t in enumerate(self.tables):
             lo, hi = key_offsets[i], key_offsets[i + 1]
@@ -175,7 +175,11 @@ class TorchBackend(EmbeddingBackend):
             if t.dtype == "fp32" and (psw is None or t.pooling == "sum"):
                 outs.append(
                     F.embedding_bag(
-                        ids, w, off, mode=t.pooling, include_last_offset=True,
+                        ids,
+                        w,
+                        off,
+                        mode=t.pooling,
+                        include_last_offset=True,
                         per_sample_weights=psw,
                     )
                 )

@@ -56,28 +56,72 @@ class EmbeddingCollection(nn.Module):
         self.tables = tuple(tables)
         self.sequences = tuple(sequences)
         self.table_names = tuple(t.name for t in self.tables)
-        self.keys = self.table_names + tuple(s.name for s in self.sequences)
-        self.dims = [t.dim for t in self.tables]
+        self.pooled_tables = tuple(t for t in self.tables if t.pooled)
+        self.keys = tuple(t.name for t in self.pooled_tables) + tuple(
+            s.name for s in self.sequences
+        )
+        self.dims = [t.dim for t in self.pooled_tables]
         self.output_dim = sum(self.dims)
         factory = backend_factory or (lambda ts: TorchBackend(ts, device=device))
         self.backend = factory(self.tables)
         self._seq_table = {s.name: self.table_names.index(s.table) for s in self.sequences}
+        self._all_pooled = len(self.pooled_tables) == len(self.tables)
+        if not self._all_pooled:
+            # Columns of the backend's output that belong to pooled tables.
+            cols, start = [], 0
+            for t in self.tables:
+                if t.pooled:
+                    cols.extend(range(start, start + t.dim))
+                start += t.dim
+            self.register_buffer("_pooled_cols", torch.tensor(cols), persistent=False)
+        self._spread_cache: dict[tuple[int, str], torch.Tensor] = {}
 
     def forward(self, features: KeyedJagged) -> SparseOutput:
         if features.keys != self.keys:
             features = features.select(self.keys)
-        b, n_tables = features.batch_size, len(self.tables)
-        # Tables come first in the feature-major layout: their ids are a prefix of values.
-        offsets = features.offsets[: n_tables * b + 1]
+        b, n_pooled = features.batch_size, len(self.pooled_tables)
+        # Pooled tables come first in the feature-major layout: their ids are a prefix of values.
+        offsets = features.offsets[: n_pooled * b + 1]
         key_offsets = features.offset_per_key
         if key_offsets is None and features.offsets.device.type == "cpu":
             key_offsets = features.key_offsets()
-        pooled = self.backend.pooled(
-            features.values, offsets, b, features.weights,
-            None if key_offsets is None else key_offsets[: n_tables + 1],
-        )
-        sequences = {s.name: self._sequence(features, n_tables + i, s) for i, s in enumerate(self.sequences)}
+        if key_offsets is not None:
+            key_offsets = key_offsets[: n_pooled + 1]
+        if not self._all_pooled:
+            offsets, key_offsets = self._spread(offsets, key_offsets, b)
+        pooled = self.backend.pooled(features.values, offsets, b, features.weights, key_offsets)
+        if not self._all_pooled:
+            pooled = pooled.index_select(1, self._pooled_cols)
+        sequences = {
+            s.name: self._sequence(features, n_pooled + i, s) for i, s in enumerate(self.sequences)
+        }
         return SparseOutput(pooled, sequences)
+
+    def _spread(
+        self, offsets: torch.Tensor, key_offsets: list[int] | None, b: int
+    ) -> tuple[torch.Tensor, list[int] | None]:
+        """Offsets over all tables, with empty bags for the tables that have no pooled feature."""
+        key = (b, str(offsets.device))
+        index = self._spread_cache.get(key)
+        if index is None:
+            parts, p = [], 0
+            for t in self.tables:
+                if t.pooled:
+                    parts.append(torch.arange(p * b, (p + 1) * b))
+                    p += 1
+                else:
+                    parts.append(torch.full((b,), p * b))
+            parts.append(torch.tensor([p * b]))
+            index = torch.cat(parts).to(offsets.device)
+            self._spread_cache[key] = index
+        full_keys = None
+        if key_offsets is not None:
+            full_keys, p = [], 0
+            for t in self.tables:
+                full_keys.append(key_offsets[p])
+                p += int(t.pooled)
+            full_keys.append(key_offsets[p])
+        return offsets[index], full_keys
 
     def _sequence(
         self, features: KeyedJagged, f: int, seq: SequenceConfig

@@ -36,7 +36,9 @@ class IdDistribution:
             try:
                 alpha = float(arg)
             except ValueError:
-                raise ValueError(f"zipf needs an exponent, e.g. 'zipf:1.05', got {spec!r}") from None
+                raise ValueError(
+                    f"zipf needs an exponent, e.g. 'zipf:1.05', got {spec!r}"
+                ) from None
             if alpha <= 0:
                 raise ValueError(f"zipf exponent must be positive, got {alpha}")
             return cls("zipf", alpha=alpha)

@@ -39,18 +39,15 @@ class QueryFactory:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         cfg, b = self.config, batch_size
         lengths, values = [], []
-        for t in cfg.tables:
-            if self.jitter:
-                n = self.rng.integers(0, 2 * t.lookups + 1, b)
-            else:
-                n = np.full(b, t.lookups)
+        for t in cfg.pooled_tables:
+            n = self.rng.integers(0, 2 * t.lookups + 1, b) if self.jitter else np.full(b, t.lookups)
             lengths.append(n)
             values.append(self.samplers[t.name].sample(int(n.sum())))
         for s in cfg.sequences:
             n = self.rng.integers(1, s.max_len + 1, b)
             lengths.append(n)
             values.append(self.samplers[s.table].sample(int(n.sum())))
-        keys = [t.name for t in cfg.tables] + [s.name for s in cfg.sequences]
+        keys = cfg.feature_keys
         sparse = KeyedJagged.from_lengths(
             keys,
             torch.from_numpy(np.concatenate(values).astype(np.int64)),

@@ -1,0 +1,87 @@
+"""The console script's subcommands, run for real."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from recserve.cli.main import main
+from recserve.models import MODEL_NAMES
+
+
+def test_models_json_lists_all_eight(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == list(MODEL_NAMES)
+    rmc1 = rows[0]
+    assert rmc1["tables"] == 8 and rmc1["rows"] == [4_000_000] and rmc1["pooling"] == [80]
+    assert rmc1["embedding_bytes"] == 8 * 4_000_000 * 32 * 4
+
+
+def test_models_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models", "--preset", "small"]) == 0
+    out = capsys.readouterr().out
+    for name in MODEL_NAMES:
+        assert name in out
+
+
+def test_run_json(capsys: pytest.CaptureFixture[str]) -> None:
+    args = [
+        "run",
+        "--model",
+        "wnd",
+        "--preset",
+        "tiny",
+        "--batch",
+        "8",
+        "--iters",
+        "3",
+        "--device",
+        "cpu",
+        "--json",
+    ]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["model"] == "wnd" and result["batch"] == 8
+    assert 0 < result["p50_ms"] <= result["p99_ms"] and result["items_per_s"] > 0
+
+
+def test_run_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--model", "ncf", "--preset", "tiny", "--batch", "0"]) == 2
+    assert "--batch and --iters must be positive" in capsys.readouterr().err
+
+
+def test_demo_on_cpu_subset(capsys: pytest.CaptureFixture[str]) -> None:
+    assert (
+        main(
+            [
+                "demo",
+                "--device",
+                "cpu",
+                "--preset",
+                "tiny",
+                "--iters",
+                "2",
+                "--models",
+                "dlrm-rmc1",
+                "dien",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "dlrm-rmc1" in out and "dien" in out and "done in" in out
+
+
+def test_console_script_entry_point() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "recserve.cli.main", "models", "--json", "--preset", "tiny"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)) == len(MODEL_NAMES)
