@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 from abc import abstractmethod
 
 import torch
 from torch import nn
 
 from recserve.config import ModelConfig
-from recserve.embedding import EmbeddingCollection, SparseOutput
+from recserve.embedding import EmbeddingBackend, EmbeddingCollection, SparseOutput
 from recserve.embedding.collection import BackendFactory
 from recserve.types import Batch
 
@@ -39,6 +40,18 @@ class RecModel(nn.Module):
     @abstractmethod
     def dense_forward(self, dense: torch.Tensor, sparse: SparseOutput) -> torch.Tensor:
         """Probabilities ``[B, num_tasks]`` from dense features ``[B, n_dense]`` and embeddings."""
+
+    def with_backend(self, backend: EmbeddingBackend) -> RecModel:
+        """A model that shares this one's dense layers and reads its rows from ``backend``
+        (which must hold the same tables, e.g. ``TritonBackend.from_backend(...)``)."""
+        if backend.tables != self.config.tables:
+            raise ValueError("the backend must hold exactly this model's tables")
+        clone = copy.copy(self)
+        clone._modules = dict(self._modules)
+        clone._modules["sparse"] = EmbeddingCollection(
+            self.config.tables, self.config.sequences, backend_factory=lambda _: backend
+        )
+        return clone
 
     def dense_modules(self) -> list[nn.Module]:
         """The modules of the dense part (everything but the embedding tables)."""

@@ -1,0 +1,1 @@
+"""Benchmark implementations shared by ``recserve bench`` and the scripts under benchmarks/."""

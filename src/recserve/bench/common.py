@@ -1,0 +1,80 @@
+"""What every benchmark result carries: device, date, commit; where it is written."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def device_label(device: torch.device | str | None = None) -> str:
+    """Human name of the device results are measured on (GPU name, else ``cpu``)."""
+    dev = torch.device(device) if device is not None else None
+    if (dev is None or dev.type == "cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(dev)
+    return "cpu"
+
+
+def device_slug(label: str) -> str:
+    """Folder name for a device: ``NVIDIA H100 80GB HBM3`` → ``nvidia-h100-80gb-hbm3``."""
+    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+
+
+def git_commit() -> str:
+    """The commit of the working tree (``+dirty`` when it has changes), or ``unknown``."""
+    root = Path(__file__).resolve().parents[3]
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+def write_result(
+    out_dir: str | Path,
+    name: str,
+    summary: dict[str, Any],
+    body: dict[str, Any],
+    device: str | None = None,
+) -> Path:
+    """Write ``<out_dir>/<device-slug>/<name>.json`` with ``summary`` first, then the rest."""
+    label = device or device_label()
+    summary = {
+        **summary,
+        "device": label,
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"),
+        "commit": git_commit(),
+    }
+    folder = Path(out_dir) / device_slug(label)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps({"summary": summary, **body}, indent=2, default=_jsonable))
+    return path
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    if hasattr(x, "item"):
+        return x.item()
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
