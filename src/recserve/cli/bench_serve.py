@@ -1,0 +1,490 @@
+"""``recserve bench serve``: DeepRecSched's tuned schedules against static ones, per model.
+
+For each model: the static schedules (CPU-only whole queries, DeepRecSys's fixed b = 32 and 64,
+GPU-only with every query alone), the paper's hill climb over b (CPU-only) and then T and the
+coalescing delay (CPU + GPU), and recserve's guided search, all at the medium p95 target;
+low and high targets are read from the same probes. Also the engine's overhead against a tight
+loop over the model, and the workers' resident memory. Writes JSON (``summary`` first) and a
+PNG of p95 against offered load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import re
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from recserve.engine import EngineConfig, RecEngine
+from recserve.engine.calibrate import calibrate
+from recserve.engine.config import SchedConfig, default_cpu_workers
+from recserve.engine.deeprecsched import (
+    STATIC_CPU,
+    STATIC_GPU,
+    ProbePlan,
+    default_grids,
+    engine_measure,
+    qps_at,
+    saturation_qps,
+)
+from recserve.engine.simulate import simulated_measure
+from recserve.engine.tuner import (
+    ConfigResult,
+    Grids,
+    LoadSearch,
+    Measure,
+    TuneResult,
+    guided_search,
+    hill_climb,
+)
+from recserve.loadgen.driver import QueryPool
+from recserve.loadgen.metrics import LatencyTarget, RunResult
+from recserve.loadgen.sizes import QuerySizes
+from recserve.loadgen.synthetic import QueryFactory
+from recserve.models.registry import MODEL_NAMES, PRESETS, build_model
+from recserve.types import Batch
+
+TARGETS_MS: dict[str, tuple[float, float, float]] = {
+    "mt-wnd": (10.0, 21.0, 40.0),
+    "dien": (15.0, 30.0, 60.0),
+}
+"""p95 targets (low, medium, high) per WORKLOADS.md; every other model: 5 / 10 / 25 ms."""
+QUICK_MODELS = ("dlrm-rmc1", "ncf")
+
+
+def targets_for(model: str) -> dict[str, LatencyTarget]:
+    low, medium, high = TARGETS_MS.get(model, (5.0, 10.0, 25.0))
+    return {
+        k: LatencyTarget(v / 1e3) for k, v in (("low", low), ("medium", medium), ("high", high))
+    }
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="tuned (DeepRecSched) vs static schedules under p95 targets")
+    p.add_argument(
+        "--models", nargs="+", choices=MODEL_NAMES, default=None, help="default: all eight"
+    )
+    p.add_argument(
+        "--preset", choices=PRESETS, default=None, help="default: paper (small with --quick)"
+    )
+    p.add_argument("--quick", action="store_true", help="a small CPU check of the whole pipeline")
+    p.add_argument("--workers", type=int, default=None, help="CPU workers (default: cores - 1)")
+    p.add_argument("--device", default="auto", help="GPU runner: auto, cuda, cpu (stand-in), none")
+    p.add_argument("--sizes", default="production", help="query sizes (see recserve tune --help)")
+    p.add_argument("--ids", default="zipf:1.05", help="id distribution per table")
+    p.add_argument("--probe-seconds", type=float, default=None, help="arrivals per probe")
+    p.add_argument("--min-queries", type=int, default=None, help="fewest queries per probe")
+    p.add_argument(
+        "--budget-s", type=float, default=None, help="wall-clock budget; phases past it are skipped"
+    )
+    p.add_argument(
+        "--out", type=Path, default=None, help="folder (default benchmarks/results/<device>)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run)
+
+
+def device_slug() -> str:
+    if torch.cuda.is_available():
+        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower()).strip("-")
+    return "cpu"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    commit = out.stdout.strip() or "unknown"
+    return commit + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def run(args: argparse.Namespace) -> int:
+    quick = args.quick
+    models = args.models or (list(QUICK_MODELS) if quick else list(MODEL_NAMES))
+    opts = {
+        "preset": args.preset or ("small" if quick else "paper"),
+        "workers": args.workers
+        if args.workers is not None
+        else (1 if quick else default_cpu_workers()),
+        "device": "cpu" if quick and args.device == "auto" else args.device,
+        "sizes": args.sizes,
+        "ids": args.ids,
+        "plan": ProbePlan(
+            seconds=args.probe_seconds or (0.3 if quick else 0.4),
+            min_queries=args.min_queries or (120 if quick else 200),
+            seed=args.seed,
+        ),
+        "seed": args.seed,
+    }
+    budget = args.budget_s or (240.0 if quick else 420.0)
+    out_dir = args.out or Path("benchmarks/results") / device_slug()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = "bench_serve_quick" if quick else "bench_serve"
+    console = Console()
+    began = time.monotonic()
+    report: dict[str, Any] = {
+        "summary": {},
+        "mode": "quick (CPU check, not a GPU result)" if quick else "full",
+    }
+    report["settings"] = {
+        k: (v.__dict__ if isinstance(v, ProbePlan) else v) for k, v in opts.items()
+    }
+    report["settings"]["budget_s"] = budget
+    report["reduced"] = REDUCED
+    report["models"] = []
+    for i, name in enumerate(models):
+        share = (budget - (time.monotonic() - began)) / (len(models) - i)
+        console.print(f"[bold]{name}[/bold]: {share:.0f} s of budget")
+        record = bench_model(name, opts, time.monotonic() + share, first=i == 0, console=console)
+        report["models"].append(record)
+        report["summary"] = summarize(report["models"])
+        (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2, default=float))
+    report["wall_s"] = round(time.monotonic() - began, 1)
+    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2, default=float))
+    plot(report["models"], out_dir / f"{stem}.png")
+    print_report(console, report)
+    console.print(f"wrote {out_dir / (stem + '.json')} and {stem}.png")
+    return 0
+
+
+REDUCED = [
+    "one probe per offered load, 0.4 s of arrivals (at least 200 queries) per probe",
+    "load searches stop within 5% (hill climb) of the limit",
+    "low and high targets are read from the probes taken for the medium target, not re-tuned",
+    "resident memory at 1 worker and at all workers, for the first model only",
+    "the CPU-path engine overhead is measured with 1 worker, on the first model only",
+    "phases past a model's share of the time budget are skipped (listed in 'skipped')",
+]
+
+
+def tight_loop_qps(
+    model: torch.nn.Module, batches: list[Batch], device: torch.device, seconds: float
+) -> float:
+    """Queries per second of ``model`` called back to back on the pool's batches (copy in,
+    forward, copy out), the baseline for the engine's overhead."""
+    with torch.inference_mode():
+        for b in batches[:4]:
+            model(b.to(device)).cpu()
+        began, n = time.perf_counter(), 0
+        while time.perf_counter() - began < seconds:
+            model(batches[n % len(batches)].to(device, non_blocking=True)).cpu()
+            n += 1
+    return n / (time.perf_counter() - began)
+
+
+def bench_model(
+    name: str, opts: dict[str, Any], deadline: float, first: bool, console: Console
+) -> dict[str, Any]:
+    began = time.monotonic()
+    targets = targets_for(name)
+    medium = targets["medium"]
+    rec: dict[str, Any] = {
+        "model": name,
+        "targets_ms": {k: t.seconds * 1e3 for k, t in targets.items()},
+        "skipped": [],
+    }
+    model = build_model(name, opts["preset"], seed=opts["seed"])
+    factory = QueryFactory(model.config, opts["ids"], seed=opts["seed"])
+    pool = QueryPool(factory, QuerySizes.parse(opts["sizes"]), seed=opts["seed"])
+    rec["build_s"] = round(time.monotonic() - began, 2)
+    if first:
+        rec["cpu_overhead"] = cpu_overhead(model, pool)
+        console.print(f"  CPU path: {rec['cpu_overhead']}")
+    workers = opts["workers"]
+    t0 = time.monotonic()
+    engine = RecEngine(
+        model, EngineConfig(cpu_workers=workers, device=opts["device"], queue_capacity=512)
+    )
+    rec["engine_start_s"] = round(time.monotonic() - t0, 2)
+    try:
+        has_gpu = engine.device is not None
+        rec["runner_device"] = str(engine.device) if has_gpu else "none"
+        if first and engine.cpu_pool is not None:
+            rec["memory"] = worker_memory(engine, model)
+        if has_gpu:
+            device = engine.device
+            assert device is not None
+            rec["runner_overhead"] = overhead(
+                lambda: tight_loop_qps(model, pool.batches, device, 0.4),
+                lambda: saturation_qps(
+                    engine, pool, STATIC_GPU["gpu-only"], seconds=0.4, outstanding=4
+                ),
+            )
+        measure = timed(engine_measure(engine, pool, opts["plan"], medium), deadline)
+        start = 0.5 * saturation_qps(engine, pool, STATIC_CPU["cpu-whole"], seconds=0.5)
+        search = LoadSearch(rel_tol=0.05)
+        statics = {**STATIC_CPU, **(STATIC_GPU if has_gpu else {})}
+        grids = default_grids(engine.engine_config.max_query_items, gpu=has_gpu)
+        found: dict[str, ConfigResult] = {}
+        climbs: list[TuneResult] = []
+        try:
+            for label, config in statics.items():
+                found[label] = search.run(measure, config, medium, start)
+            b_only = Grids(sub_batch_size=grids.sub_batch_size)
+            climbs.append(hill_climb(measure, medium, SchedConfig(), b_only, start, search))
+            rec["hill_climb_cpu"] = climbs[0].to_dict()
+            if has_gpu:
+                t_and_delay = Grids((), grids.gpu_threshold, grids.gpu_max_delay)
+                gpu_start = max(climbs[0].best.qps, found["gpu-only"].qps, start)
+                climbs.append(
+                    hill_climb(
+                        measure,
+                        medium,
+                        SchedConfig(),
+                        t_and_delay,
+                        gpu_start,
+                        search,
+                        incumbent=climbs[0].best,
+                    )
+                )
+                rec["hill_climb_gpu"] = climbs[1].to_dict()
+            rec["guided"] = run_guided(engine, factory, pool, measure, medium, grids, start, climbs)
+        except OutOfTime as err:
+            rec["skipped"].append(str(err))
+            console.print(f"  [yellow]out of time: {err}[/yellow]")
+        rec["by_target"] = by_target(targets, found, climbs)
+        rec["statics"] = {k: v.to_dict() for k, v in found.items()}
+    finally:
+        engine.close()
+    rec["wall_s"] = round(time.monotonic() - began, 1)
+    return rec
+
+
+class OutOfTime(RuntimeError):
+    """The model's share of the time budget is spent; its remaining phases are skipped."""
+
+
+def timed(measure: Measure, deadline: float) -> Measure:
+    """``measure``, refusing to start a probe after ``deadline`` (``time.monotonic``)."""
+
+    def bounded(config: SchedConfig, qps: float) -> RunResult:
+        if time.monotonic() > deadline:
+            raise OutOfTime(f"budget spent before probing {config.label()} at {qps:.0f} QPS")
+        return measure(config, qps)
+
+    return bounded
+
+
+def cpu_overhead(model: torch.nn.Module, pool: QueryPool) -> dict[str, float]:
+    """One worker process serving whole queries at saturation vs the same model called back to
+    back by one thread of this process."""
+    threads = torch.get_num_threads()
+    with RecEngine(model, EngineConfig(cpu_workers=1, device="none", queue_capacity=64)) as engine:
+
+        def tight() -> float:
+            torch.set_num_threads(1)
+            try:
+                return tight_loop_qps(model, pool.batches, torch.device("cpu"), 0.5)
+            finally:
+                torch.set_num_threads(threads)
+
+        def served() -> float:
+            return saturation_qps(engine, pool, STATIC_CPU["cpu-whole"], seconds=0.5, outstanding=3)
+
+        return overhead(tight, served)
+
+
+def overhead(
+    tight: Callable[[], float], served: Callable[[], float], rounds: int = 3
+) -> dict[str, float]:
+    """Best of ``rounds`` alternating measurements of each (noise on a shared machine only ever
+    slows a run down), and the fraction of the tight loop's QPS the engine loses."""
+    tight_qps, served_qps = 0.0, 0.0
+    for _ in range(rounds):
+        tight_qps = max(tight_qps, tight())
+        served_qps = max(served_qps, served())
+    return {
+        "tight_loop_qps": tight_qps,
+        "engine_qps": served_qps,
+        "frac": 1 - served_qps / tight_qps,
+    }
+
+
+def worker_memory(engine: RecEngine, model: torch.nn.Module) -> dict[str, Any]:
+    """RSS and PSS of the workers after each has read every weight once."""
+    pool = engine.cpu_pool
+    assert pool is not None
+    pool.touch_weights()
+    mem = pool.memory()
+    nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return {
+        "workers": len(mem),
+        "model_bytes": nbytes,
+        "rss_per_worker_bytes": [m["rss"] for m in mem],
+        "pss_total_bytes": sum(m["pss"] for m in mem),
+        "rss_total_bytes": sum(m["rss"] for m in mem),
+        "note": "RSS counts the shared weight pages in every worker; PSS divides them among the "
+        "workers, so PSS total ~ one copy of the weights plus per-process overhead",
+    }
+
+
+def run_guided(
+    engine: RecEngine,
+    factory: QueryFactory,
+    pool: QueryPool,
+    measure: Measure,
+    target: LatencyTarget,
+    grids: Grids,
+    start: float,
+    climbs: list[TuneResult],
+) -> dict[str, Any]:
+    has_gpu = engine.device is not None
+    workers = engine.cpu_pool.num_workers if engine.cpu_pool is not None else 0
+    cpu_sizes = [b for b in grids.sub_batch_size if b is not None] + [int(pool.sizes.max())]
+    gpu_sizes = (64, 256, 1024) if has_gpu else ()
+    cal = calibrate(engine, factory, cpu_sizes, gpu_sizes)
+    rng = np.random.default_rng(1)
+    sizes = pool.sizes[rng.integers(0, len(pool), 1000)]
+    predict = simulated_measure(cal.service, workers, sizes, seed=2, capacity=512)
+    result = guided_search(
+        measure,
+        predict,
+        target,
+        SchedConfig(),
+        grids,
+        start,
+        calibration_queries=cal.queries,
+        calibration_seconds=cal.seconds,
+    )
+    climb_qps = max(c.best.qps for c in climbs)
+    climb_queries = sum(c.queries for c in climbs)
+    climb_seconds = sum(c.seconds for c in climbs)
+    out = result.to_dict()
+    out["service_model"] = {
+        "cpu": cal.service.cpu.to_dict(),
+        "gpu": cal.service.gpu.to_dict() if cal.service.gpu else None,
+    }
+    out["vs_hill_climb"] = {
+        "qps_ratio": result.best.qps / climb_qps if climb_qps else None,
+        "queries_ratio": result.queries / climb_queries if climb_queries else None,
+        "seconds_ratio": result.seconds / climb_seconds if climb_seconds else None,
+    }
+    return out
+
+
+def by_target(
+    targets: dict[str, LatencyTarget],
+    statics: dict[str, ConfigResult],
+    climbs: list[TuneResult],
+) -> dict[str, dict[str, float | None]]:
+    """Latency-bounded QPS per target and schedule: the medium target's searches, the other
+    targets read from the same probes (at their resolution)."""
+    out: dict[str, dict[str, float | None]] = {}
+    for level, target in targets.items():
+        row: dict[str, float | None] = {label: qps_at(r, target) for label, r in statics.items()}
+        tried: list[ConfigResult] = []
+        for key, climb in zip(("tuned_cpu", "tuned_cpu_gpu"), climbs, strict=False):
+            tried += climb.climbed
+            if climb.climbed:
+                medium = level == "medium"
+                row[key] = climb.best.qps if medium else max(qps_at(c, target) for c in tried)
+        cpu_statics = [row[k] for k in STATIC_CPU if k in row]
+        best_static = max(cpu_statics) if len(cpu_statics) == len(STATIC_CPU) else None
+        if "tuned_cpu" in row and best_static:
+            row["tuned_vs_best_static_cpu"] = row["tuned_cpu"] / best_static  # type: ignore[operator]
+        if "tuned_cpu_gpu" in row and row.get("gpu-only"):
+            row["tuned_vs_gpu_only"] = row["tuned_cpu_gpu"] / row["gpu-only"]  # type: ignore[operator]
+        out[level] = row
+    return out
+
+
+def summarize(models: list[dict[str, Any]]) -> dict[str, Any]:
+    def ratios(key: str) -> list[float | None]:
+        return [m["by_target"]["medium"].get(key) for m in models if "by_target" in m]
+
+    cpu = ratios("tuned_vs_best_static_cpu")
+    gpu = [r for r in ratios("tuned_vs_gpu_only") if r is not None]
+    overheads = [
+        m[k]["frac"] for m in models for k in ("cpu_overhead", "runner_overhead") if k in m
+    ]
+    guided = [m["guided"]["vs_hill_climb"] for m in models if "guided" in m]
+    return {
+        "tuned_vs_best_static_cpu_min": min(cpu) if cpu and None not in cpu else None,
+        "tuned_vs_gpu_only_static_min": min(gpu) if gpu else None,
+        "engine_overhead_frac": max(overheads) if overheads else None,
+        "guided_qps_vs_hill_climb_min": min((g["qps_ratio"] or 0) for g in guided)
+        if guided
+        else None,
+        "guided_queries_vs_hill_climb_max": max((g["queries_ratio"] or 0) for g in guided)
+        if guided
+        else None,
+        "models": [m["model"] for m in models],
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+    }
+
+
+def plot(models: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(4, len(models))
+    rows = (len(models) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax, m in zip(axes.flat, models, strict=False):
+        target = m["targets_ms"]["medium"]
+        curves = {label: s for label, s in m.get("statics", {}).items()}
+        for key, label in (("hill_climb_cpu", "tuned CPU"), ("hill_climb_gpu", "tuned CPU+GPU")):
+            if key in m:
+                curves[f"{label} ({m[key]['best']['label']})"] = m[key]["best"]
+        for label, res in curves.items():
+            top = 3 * target  # failed probes (aborted, or queries lost) are drawn at the top
+            pts = sorted(
+                (
+                    p["offered_qps"],
+                    top if p["aborted"] or p["rejected"] or p["failed"] else p["latency_ms"]["p95"],
+                )
+                for p in res["probes"]
+            )
+            if not pts:
+                continue
+            qps = [p[0] for p in pts]
+            p95 = [min(p[1], top) if np.isfinite(p[1]) else top for p in pts]
+            style = "-" if label.startswith("tuned") else "--"
+            ax.plot(qps, p95, style, marker="o", markersize=3, label=label)
+        ax.axhline(target, color="k", linewidth=0.8, linestyle=":")
+        ax.set_title(f"{m['model']} (p95 target {target:g} ms)", fontsize=9)
+        ax.set_xlabel("offered QPS")
+        ax.set_ylabel("p95 latency (ms)")
+        ax.set_ylim(0, 3 * target)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(models) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def print_report(console: Console, report: dict[str, Any]) -> None:
+    for m in report["models"]:
+        if "by_target" not in m:
+            continue
+        table = Table(title=f"{m['model']}: latency-bounded QPS (p95)")
+        levels = list(m["by_target"])
+        table.add_column("schedule")
+        for level in levels:
+            table.add_column(f"{level} ({m['targets_ms'][level]:g} ms)", justify="right")
+        keys = [k for k in m["by_target"]["medium"] if not k.startswith("tuned_vs")]
+        for key in keys:
+            table.add_row(key, *(f"{m['by_target'][lv].get(key, 0.0):.1f}" for lv in levels))
+        console.print(table)
+    console.print_json(json.dumps(report["summary"], default=float))

@@ -1,0 +1,99 @@
+"""The engine's knobs: the schedule DeepRecSched tunes, and the fixed resources around it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+
+
+@dataclass(frozen=True)
+class SchedConfig:
+    """How queries are split and placed: the configuration DeepRecSched hill-climbs."""
+
+    sub_batch_size: int | None = 64
+    """b: items per CPU sub-batch (request-level parallelism); ``None`` runs each CPU query whole
+    on one worker."""
+    gpu_threshold: int | None = None
+    """T: queries with at least T items go whole to the GPU runner; ``None`` keeps every query on
+    the CPU workers, 0 sends every query to the GPU."""
+    gpu_max_batch: int = 2048
+    """Items cap when queued GPU queries are coalesced into one batch (1: no coalescing; a query
+    larger than the cap still runs, alone)."""
+    gpu_max_delay: float = 0.0
+    """Seconds the oldest queued GPU query may wait for others to coalesce with."""
+
+    def __post_init__(self) -> None:
+        if self.sub_batch_size is not None and self.sub_batch_size < 1:
+            raise ValueError(f"sub_batch_size must be >= 1 or None, got {self.sub_batch_size}")
+        if self.gpu_threshold is not None and self.gpu_threshold < 0:
+            raise ValueError(f"gpu_threshold must be >= 0 or None, got {self.gpu_threshold}")
+        if self.gpu_max_batch < 1:
+            raise ValueError(f"gpu_max_batch must be >= 1, got {self.gpu_max_batch}")
+        if self.gpu_max_delay < 0:
+            raise ValueError(f"gpu_max_delay must be >= 0, got {self.gpu_max_delay}")
+
+    @property
+    def uses_gpu(self) -> bool:
+        return self.gpu_threshold is not None
+
+    def with_(self, **changes: object) -> SchedConfig:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    def label(self) -> str:
+        b = "whole" if self.sub_batch_size is None else str(self.sub_batch_size)
+        if self.gpu_threshold is None:
+            return f"b={b}"
+        return (
+            f"b={b} T={self.gpu_threshold} cap={self.gpu_max_batch} "
+            f"delay={self.gpu_max_delay * 1e3:g}ms"
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "sub_batch_size": self.sub_batch_size,
+            "gpu_threshold": self.gpu_threshold,
+            "gpu_max_batch": self.gpu_max_batch,
+            "gpu_max_delay_ms": self.gpu_max_delay * 1e3,
+        }
+
+
+def default_cpu_workers() -> int:
+    """One worker per core, less one for the engine loop and the load generator."""
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Resources of one engine: workers, queue bound, GPU runner."""
+
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    cpu_workers: int = field(default_factory=default_cpu_workers)
+    """CPU worker processes (one thread each); 0 for a GPU-only engine."""
+    device: str = "auto"
+    """Where the batch-level runner executes: ``cuda``, ``cpu`` (a stand-in for tests and
+    machines without a GPU), ``none`` (no runner) or ``auto`` (``cuda`` when there is one,
+    else ``none``)."""
+    queue_capacity: int = 1024
+    """At most this many accepted, unanswered requests; more are refused with ``Overloaded``."""
+    max_query_items: int = 1024
+    """Largest request accepted (items)."""
+    max_ids_per_item: int | None = None
+    """Staging room for ids per item (all features); default: twice the model's lookups plus
+    its sequence lengths."""
+    gpu_max_inflight: int = 2
+    """GPU batches in flight at once: 2 lets one batch's copies overlap another's compute."""
+    worker_threads: int = 1
+    """Intra-op threads per CPU worker (DeepRecSys: one)."""
+    shared_dir: str | None = None
+    """Folder for the shared weights and staging files; default ``/dev/shm`` when it has room,
+    else the temp folder."""
+
+    def __post_init__(self) -> None:
+        if self.cpu_workers < 0:
+            raise ValueError(f"cpu_workers must be >= 0, got {self.cpu_workers}")
+        if self.queue_capacity < 1:
+            raise ValueError(f"queue_capacity must be >= 1, got {self.queue_capacity}")
+        if self.device not in ("auto", "cuda", "cpu", "none") and not self.device.startswith(
+            "cuda:"
+        ):
+            raise ValueError(f"device must be auto, cuda[:N], cpu or none, got {self.device!r}")

@@ -1,0 +1,258 @@
+"""RecEngine: the :class:`~recserve.engine.interface.InferenceEngine` servers and loadgen use.
+
+Threads: callers ``submit`` from any thread (admission is checked at once); one loop thread
+runs :meth:`EngineCore.step` whenever something happens — a new query, a worker's reply, a GPU
+batch done, a coalescing deadline — and sleeps otherwise. CPU workers are processes; the GPU
+runner has its own threads. The loop body is the core's ``step``; this file is the plumbing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import threading
+import time
+from concurrent.futures import Future
+from multiprocessing.connection import wait as wait_any
+from typing import Any
+
+import torch
+from torch import nn
+
+from recserve.config import ModelConfig
+from recserve.engine.config import EngineConfig, SchedConfig
+from recserve.engine.core import Clock, EngineCore
+from recserve.engine.cpu_pool import CpuWorkerPool
+from recserve.engine.gpu_runner import GpuRunner
+from recserve.engine.interface import EngineClosed
+from recserve.engine.scheduler import Scheduler
+from recserve.engine.shared import (
+    ArenaSpec,
+    StagingArena,
+    model_nbytes,
+    pick_shared_dir,
+    save_shared_model,
+)
+from recserve.types import Batch
+
+log = logging.getLogger(__name__)
+
+
+class _Waker:
+    """A self-pipe: any thread can wake the loop thread out of its wait."""
+
+    def __init__(self) -> None:
+        self.fd, self._w = os.pipe()
+        os.set_blocking(self.fd, False)
+        os.set_blocking(self._w, False)
+
+    def wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # a full pipe: the loop will wake anyway
+            os.write(self._w, b"x")
+
+    def clear(self) -> None:
+        try:
+            while os.read(self.fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        os.close(self.fd)
+        os.close(self._w)
+
+
+def resolve_runner_device(device: str) -> torch.device | None:
+    if device == "none":
+        return None
+    if device == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else None
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def default_ids_per_item(config: ModelConfig) -> int:
+    return max(
+        1, 2 * sum(t.lookups for t in config.tables) + sum(s.max_len for s in config.sequences)
+    )
+
+
+class RecEngine:
+    """Serve one model with CPU workers and (optionally) a GPU runner, DeepRecSys-style.
+
+    ``model`` is on the CPU; CPU workers map one shared copy of it, and the GPU runner moves
+    ``model`` itself to its device. ``set_schedule`` changes b / T / coalescing while running.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: EngineConfig | None = None,
+        clock: Clock = time.perf_counter,
+    ) -> None:
+        self.engine_config = config = config or EngineConfig()
+        self.config: ModelConfig = model.config  # type: ignore[assignment]
+        self.keys = tuple(t.name for t in self.config.tables) + tuple(
+            s.name for s in self.config.sequences
+        )
+        self.device = resolve_runner_device(config.device)
+        if config.cpu_workers == 0 and self.device is None:
+            raise ValueError("an engine needs CPU workers or a runner device")
+        ids_per_item = config.max_ids_per_item or default_ids_per_item(self.config)
+        self._waker = _Waker()
+        self._pool: CpuWorkerPool | None = None
+        self._gpu: GpuRunner | None = None
+        try:
+            if config.cpu_workers:
+                self._pool = self._start_pool(model, config, ids_per_item)
+            if self.device is not None:
+                runner_model = model.to(self.device) if self.device.type == "cuda" else model
+                self._gpu = GpuRunner(
+                    runner_model.eval(),
+                    self.keys,
+                    self.config.num_dense,
+                    self.config.num_tasks,
+                    max(config.max_query_items, config.sched.gpu_max_batch),
+                    max(config.max_query_items, config.sched.gpu_max_batch) * ids_per_item,
+                    self.device,
+                    config.gpu_max_inflight,
+                    self._waker.wake,
+                )
+        except BaseException:
+            self._shutdown_executors()
+            raise
+        scheduler = Scheduler(
+            config.sched, has_cpu=self._pool is not None, has_gpu=self._gpu is not None
+        )
+        self.core = EngineCore(scheduler, self._pool, self._gpu, clock, config.queue_capacity)
+        self._new_sched: SchedConfig | None = None
+        self._sched_applied = threading.Event()
+        self._fail_queued = False
+        self._stop = False
+        self._idle = threading.Condition()
+        self._thread = threading.Thread(target=self._loop, name="recserve-engine", daemon=True)
+        self._thread.start()
+
+    def _start_pool(
+        self, model: nn.Module, config: EngineConfig, ids_per_item: int
+    ) -> CpuWorkerPool:
+        """Share the weights and the staging slots through files, start the workers, then
+        unlink the files (the mappings stay): nothing is left behind if a process dies."""
+        spec = ArenaSpec.for_model(
+            self.config, config.cpu_workers + 2, config.max_query_items, ids_per_item
+        )
+        folder = pick_shared_dir(model_nbytes(model) + spec.nbytes, config.shared_dir)
+        staging = StagingArena(dataclasses.replace(spec, folder=str(folder)))
+        path = save_shared_model(model, folder)
+        try:
+            return CpuWorkerPool(
+                path, self.config, config.cpu_workers, staging, config.worker_threads
+            )
+        finally:
+            path.unlink(missing_ok=True)
+            staging.unlink()
+
+    # -- the InferenceEngine protocol --------------------------------------------------------
+
+    def submit(self, batch: Batch) -> Future[torch.Tensor]:
+        b = batch.batch_size
+        if not 0 < b <= self.engine_config.max_query_items:
+            raise ValueError(
+                f"request of {b} items: must be 1 to {self.engine_config.max_query_items}"
+            )
+        future: Future[torch.Tensor] = Future()
+        self.core.admit(b, batch, future)
+        self._waker.wake()
+        return future
+
+    def stats(self) -> dict[str, Any]:
+        out = self.core.stats()
+        out["cpu_workers"] = self._pool.num_workers if self._pool is not None else 0
+        out["device"] = str(self.device) if self.device is not None else "none"
+        out["schedule"] = self.core.scheduler.config.to_dict()
+        return out
+
+    def close(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop taking requests; answer every accepted one (``drain``) or fail the queued ones
+        with :class:`EngineClosed` and wait only for those already running; then stop."""
+        if self._stop:
+            return
+        self.core.close()
+        if not drain:
+            self._fail_queued = True
+        self._waker.wake()
+        with self._idle:
+            self._idle.wait_for(lambda: self.core.in_system == 0, timeout)
+        self._stop = True
+        self._waker.wake()
+        self._thread.join()
+        self.core.fail_all(EngineClosed("the engine stopped before answering"))
+        self._shutdown_executors()
+        self._waker.close()
+
+    # -- control ------------------------------------------------------------------------------
+
+    def set_schedule(self, sched: SchedConfig) -> None:
+        """Use ``sched`` for every request submitted after this returns."""
+        if sched.uses_gpu and self._gpu is None and self._pool is not None:
+            raise ValueError("this engine has no GPU runner; use gpu_threshold=None")
+        if self._gpu is not None and sched.gpu_max_batch > self._gpu.max_items:
+            raise ValueError(
+                f"gpu_max_batch {sched.gpu_max_batch} is over the runner's buffers "
+                f"({self._gpu.max_items} items; set it in EngineConfig.sched at start)"
+            )
+        self._sched_applied.clear()
+        self._new_sched = sched
+        self._waker.wake()
+        if not self._sched_applied.wait(timeout=10.0):
+            raise RuntimeError("the engine loop did not take the new schedule")
+
+    @property
+    def cpu_pool(self) -> CpuWorkerPool | None:
+        return self._pool
+
+    def __enter__(self) -> RecEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the loop thread ----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop:
+            self._waker.clear()
+            if self._new_sched is not None:
+                self.core.step()  # queries submitted before the change keep the old schedule
+                self.core.scheduler.set_config(self._new_sched)
+                self._new_sched = None
+                self._sched_applied.set()
+            if self._fail_queued:
+                self.core.fail_waiting(EngineClosed("the engine is shutting down"))
+            try:
+                self.core.step()
+            except Exception as err:  # a bug must not strand callers: fail what is queued
+                log.exception("engine step failed")
+                self.core.fail_waiting(err)
+            if self.core.in_system == 0:
+                with self._idle:
+                    self._idle.notify_all()
+            self._wait()
+
+    def _wait(self) -> None:
+        deadline = self.core.next_deadline()
+        timeout = None if deadline is None else max(0.0, deadline - self.core.clock())
+        waitables: list[Any] = [self._waker.fd]
+        if self._pool is not None:
+            waitables += self._pool.waitables()
+        wait_any(waitables, timeout)
+
+    def _shutdown_executors(self) -> None:
+        if self._gpu is not None:
+            self._gpu.close()
+        if self._pool is not None:
+            self._pool.close()

@@ -1,0 +1,252 @@
+"""DeepRecSched: find the schedule with the most queries per second under a tail-latency target.
+
+Two searches over the same knobs (CPU sub-batch size b, then GPU threshold T, then the GPU
+coalescing delay), both built on :class:`LoadSearch`, which finds one configuration's
+sustainable load by adjusting the offered QPS:
+
+- :func:`hill_climb` is DeepRecSys's: climb each knob's grid in order, finding every
+  configuration's sustainable load from the same cold start, and stop a knob at its first drop.
+- :func:`guided_search` is recserve's: rank every configuration of the grids by the sustainable
+  load a simulation predicts (the real scheduler on a virtual clock with measured service
+  times), then measure only the best few for real, each search starting at its prediction.
+
+A *measure* runs one configuration at one offered load and returns a
+:class:`~recserve.loadgen.metrics.RunResult`; it may drive the real engine or a simulation.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from recserve.engine.config import SchedConfig
+from recserve.loadgen.metrics import LatencyTarget, RunResult
+
+Measure = Callable[[SchedConfig, float], RunResult]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One measured point: a configuration at an offered load."""
+
+    config: SchedConfig
+    result: RunResult
+    passed: bool
+
+    @property
+    def qps(self) -> float:
+        return self.result.offered_qps
+
+
+@dataclass
+class ConfigResult:
+    """A configuration's sustainable (latency-bounded) QPS and the probes that found it."""
+
+    config: SchedConfig
+    qps: float
+    probes: list[Probe] = field(default_factory=list)
+    predicted_qps: float | None = None
+
+    @property
+    def queries(self) -> int:
+        return sum(p.result.sent for p in self.probes)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "config": self.config.to_dict(),
+            "label": self.config.label(),
+            "qps": round(self.qps, 3),
+            "predicted_qps": None if self.predicted_qps is None else round(self.predicted_qps, 3),
+            "probes": [{"passed": p.passed, **p.result.to_dict()} for p in self.probes],
+        }
+
+
+@dataclass
+class TuneResult:
+    """What a search chose, what it climbed, and what it cost."""
+
+    method: str
+    target: LatencyTarget
+    best: ConfigResult
+    climbed: list[ConfigResult]
+    seconds: float
+    extra_queries: int = 0
+    """Queries spent outside the probes (the guided search's calibration)."""
+
+    @property
+    def queries(self) -> int:
+        return self.extra_queries + sum(c.queries for c in self.climbed)
+
+    @property
+    def probes(self) -> int:
+        return sum(len(c.probes) for c in self.climbed)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "method": self.method,
+            "target": str(self.target),
+            "best": self.best.to_dict(),
+            "qps": round(self.best.qps, 3),
+            "queries": self.queries,
+            "probes": self.probes,
+            "seconds": round(self.seconds, 3),
+            "climbed": [c.to_dict() for c in self.climbed],
+        }
+
+
+@dataclass(frozen=True)
+class LoadSearch:
+    """The highest offered QPS at which a configuration meets the target.
+
+    From a starting load, multiply by ``growth`` while the target is met (or divide while it is
+    missed) to bracket the limit, then bisect the bracket in log space until its ends are within
+    ``rel_tol``. Reports the highest load that met the target (0 if none did, down to
+    ``start_qps / max_drop``: a configuration that far off is not worth slow probes).
+    """
+
+    rel_tol: float = 0.05
+    growth: float = 2.0
+    max_probes: int = 12
+    min_qps: float = 0.5
+    max_drop: float = 64.0
+
+    def run(
+        self, measure: Measure, config: SchedConfig, target: LatencyTarget, start_qps: float
+    ) -> ConfigResult:
+        found = ConfigResult(config, 0.0)
+
+        def ok(qps: float) -> bool:
+            result = measure(config, qps)
+            probe = Probe(config, result, result.meets(target))
+            found.probes.append(probe)
+            return probe.passed
+
+        lo, hi, qps = 0.0, math.inf, start_qps
+        floor = max(self.min_qps, start_qps / self.max_drop)
+        while len(found.probes) < self.max_probes and (lo == 0.0 or hi == math.inf):
+            if ok(qps):
+                lo, qps = qps, qps * self.growth
+            else:
+                hi, qps = qps, qps / self.growth
+                if lo == 0.0 and (qps < floor or self._load_does_not_matter(found, target)):
+                    break
+        while lo > 0.0 and hi < math.inf and hi / lo > 1 + self.rel_tol:
+            if len(found.probes) >= self.max_probes:
+                break
+            mid = math.sqrt(lo * hi)
+            if ok(mid):
+                lo = mid
+            else:
+                hi = mid
+        found.qps = lo
+        return found
+
+    @staticmethod
+    def _load_does_not_matter(found: ConfigResult, target: LatencyTarget) -> bool:
+        """Two failed probes in a row, the lower load no faster by 10%: the configuration's own
+        service time misses the target, and lower loads would only make slower probes."""
+        if len(found.probes) < 2 or found.probes[-2].passed:
+            return False
+        before, now = (p.result.answered_tail(target.percentile) for p in found.probes[-2:])
+        return now > target.seconds and now >= 0.9 * before
+
+
+@dataclass(frozen=True)
+class Grids:
+    """The values each knob may take, climbed in this order: b, then T, then the GPU delay."""
+
+    sub_batch_size: Sequence[int | None] = (16, 32, 64, 128, 256, 512, None)
+    gpu_threshold: Sequence[int | None] = ()
+    """Climbed from the first value on; start high (little goes to the GPU) and go down."""
+    gpu_max_delay: Sequence[float] = ()
+
+    def stages(self) -> list[tuple[str, Sequence[object]]]:
+        stages: list[tuple[str, Sequence[object]]] = [
+            ("sub_batch_size", self.sub_batch_size),
+            ("gpu_threshold", self.gpu_threshold),
+            ("gpu_max_delay", self.gpu_max_delay),
+        ]
+        return [(name, grid) for name, grid in stages if grid]
+
+
+def hill_climb(
+    measure: Measure,
+    target: LatencyTarget,
+    base: SchedConfig,
+    grids: Grids,
+    start_qps: float,
+    search: LoadSearch | None = None,
+    incumbent: ConfigResult | None = None,
+) -> TuneResult:
+    """DeepRecSched's hill climb: for each knob in turn, try its values in order, each from the
+    same cold start load, until the sustainable QPS drops; keep the best and go on.
+
+    ``incumbent`` is a configuration already measured (e.g. the CPU-only climb's result when
+    climbing T next): the climb starts from it and compares against it."""
+    search = search or LoadSearch()
+    began = time.perf_counter()
+    climbed: list[ConfigResult] = []
+    best = incumbent
+    config = incumbent.config if incumbent is not None else base
+    for name, grid in grids.stages():
+        if name == "gpu_max_delay" and not config.uses_gpu:
+            continue  # nothing is offloaded, so there is nothing to coalesce
+        for value in grid:
+            candidate = config.with_(**{name: value})
+            if best is not None and candidate == best.config:
+                continue
+            found = search.run(measure, candidate, target, start_qps)
+            climbed.append(found)
+            if best is not None and found.qps < best.qps:
+                break
+            if best is None or found.qps > best.qps:  # ties keep the earlier, simpler value
+                best = found
+        assert best is not None
+        config = best.config
+    assert best is not None, "empty grids"
+    return TuneResult("hill_climb", target, best, climbed, time.perf_counter() - began)
+
+
+def guided_search(
+    measure: Measure,
+    predict: Measure,
+    target: LatencyTarget,
+    base: SchedConfig,
+    grids: Grids,
+    start_qps: float,
+    verify: int = 2,
+    calibration_queries: int = 0,
+    calibration_seconds: float = 0.0,
+    search: LoadSearch | None = None,
+) -> TuneResult:
+    """recserve's search: predict every configuration's sustainable load by simulation, then
+    measure the ``verify`` most promising ones for real, each starting at its prediction.
+
+    The prediction climbs like :func:`hill_climb` but visits every value of each knob (the
+    simulation is cheap, so no early stop is needed to save time), holding the other knobs at
+    the best found so far. Real measurements use a narrow first step (``growth`` 1.15): the
+    prediction is usually within a few percent.
+    """
+    began = time.perf_counter()
+    sim_search = LoadSearch(rel_tol=0.02, growth=2.0, max_probes=16)
+    predicted: dict[SchedConfig, float] = {}
+    anchor = base
+    for name, grid in grids.stages():
+        for value in grid:
+            candidate = anchor.with_(**{name: value})
+            if candidate not in predicted:
+                start = max(predicted.values(), default=0.0) or start_qps
+                predicted[candidate] = sim_search.run(predict, candidate, target, start).qps
+        anchor = max(predicted, key=lambda c: predicted[c])
+    ranked = sorted(predicted, key=lambda c: predicted[c], reverse=True)[:verify]
+    search = search or LoadSearch(rel_tol=0.05, growth=1.15, max_probes=8)
+    climbed = []
+    for config in ranked:
+        found = search.run(measure, config, target, max(predicted[config], search.min_qps))
+        found.predicted_qps = predicted[config]
+        climbed.append(found)
+    best = max(climbed, key=lambda c: c.qps)
+    seconds = time.perf_counter() - began + calibration_seconds
+    return TuneResult("guided", target, best, climbed, seconds, calibration_queries)

@@ -1,0 +1,152 @@
+"""RecEngine with real worker processes and the runner on the CPU (a tiny model)."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+
+import pytest
+import torch
+from engine_fakes import FailOnSize, Slow
+
+from recserve.engine import EngineConfig, RecEngine, SchedConfig
+from recserve.engine.interface import EngineClosed, InferenceEngine, Overloaded
+from recserve.loadgen.synthetic import QueryFactory
+from recserve.models.registry import build_model
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    return build_model("dlrm-rmc2", preset="tiny", seed=3)
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    eng = RecEngine(
+        model, EngineConfig(SchedConfig(sub_batch_size=16), cpu_workers=2, device="cpu")
+    )
+    yield eng
+    eng.close()
+
+
+def reference(model, batches):
+    with torch.inference_mode():
+        return [model(b) for b in batches]
+
+
+@pytest.mark.parametrize(
+    "sched",
+    [
+        SchedConfig(sub_batch_size=16),
+        SchedConfig(sub_batch_size=None),
+        SchedConfig(sub_batch_size=7, gpu_threshold=100),
+        SchedConfig(sub_batch_size=32, gpu_threshold=0, gpu_max_batch=2048, gpu_max_delay=0.01),
+    ],
+    ids=["split", "whole", "split+runner", "coalesced"],
+)
+def test_every_item_is_answered_once_in_order(engine, model, sched) -> None:
+    assert isinstance(engine, InferenceEngine)
+    factory = QueryFactory(model.config, "zipf:1.05", seed=11)
+    batches = [factory.make(n) for n in (1, 15, 16, 17, 100, 333)]
+    engine.set_schedule(sched)
+    futures = [engine.submit(b) for b in batches]
+    for fut, ref in zip(futures, reference(model, batches), strict=True):
+        torch.testing.assert_close(fut.result(timeout=30), ref, rtol=1e-5, atol=1e-6)
+    stats = engine.stats()
+    assert stats["in_system"] == 0 and stats["failed"] == 0
+
+
+def test_submissions_from_many_threads(engine, model) -> None:
+    engine.set_schedule(SchedConfig(sub_batch_size=8, gpu_threshold=50))
+    factory = QueryFactory(model.config, seed=12)
+    batches = [factory.make(n) for n in range(1, 81)]
+    refs = reference(model, batches)
+    futures: list[Future[torch.Tensor] | None] = [None] * len(batches)
+
+    def send(start: int) -> None:
+        for i in range(start, len(batches), 4):
+            futures[i] = engine.submit(batches[i])
+
+    threads = [threading.Thread(target=send, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for fut, ref in zip(futures, refs, strict=True):
+        assert fut is not None
+        torch.testing.assert_close(fut.result(timeout=30), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_a_failing_sub_batch_fails_only_its_query(model) -> None:
+    broken = FailOnSize(model, size=5)
+    with RecEngine(
+        broken, EngineConfig(SchedConfig(sub_batch_size=10), cpu_workers=2, device="none")
+    ) as eng:
+        factory = QueryFactory(model.config, seed=13)
+        bad, good = factory.make(25), factory.make(20)  # 25 -> 10, 10, 5: the last part fails
+        f_bad, f_good = eng.submit(bad), eng.submit(good)
+        with pytest.raises(RuntimeError, match="refusing 5 items"):
+            f_bad.result(timeout=30)
+        torch.testing.assert_close(f_good.result(timeout=30), reference(model, [good])[0])
+        assert eng.stats()["failed"] == 1
+
+
+def test_overload_is_refused_at_once_and_nothing_is_lost(model) -> None:
+    slow = Slow(model, delay=0.2)
+    config = EngineConfig(
+        SchedConfig(sub_batch_size=None), cpu_workers=1, device="none", queue_capacity=3
+    )
+    with RecEngine(slow, config) as eng:
+        batch = QueryFactory(model.config, seed=14).make(4)
+        accepted, refused = [], 0
+        for _ in range(10):
+            try:
+                accepted.append(eng.submit(batch))
+            except Overloaded as err:
+                assert "queue full" in str(err)
+                refused += 1
+        assert (len(accepted), refused) == (3, 7)
+        for fut in accepted:
+            assert fut.result(timeout=30).shape == (4, 1)
+        stats = eng.stats()
+        assert (stats["accepted"], stats["rejected"], stats["completed"]) == (3, 7, 3)
+        eng.submit(batch).result(timeout=30)  # room again once answered
+
+
+@pytest.mark.parametrize("drain", [True, False])
+def test_close_with_requests_in_flight_answers_every_one(model, drain: bool) -> None:
+    slow = Slow(model, delay=0.05)
+    config = EngineConfig(
+        SchedConfig(sub_batch_size=4, gpu_threshold=30), cpu_workers=2, device="cpu"
+    )
+    eng = RecEngine(slow, config)
+    factory = QueryFactory(model.config, seed=15)
+    futures = [eng.submit(factory.make(n)) for n in (8, 12, 40, 3, 9, 31, 5)]
+    eng.close(drain=drain)
+    assert all(f.done() for f in futures)
+    results = [f.exception() is None for f in futures]
+    if drain:
+        assert all(results)
+    else:
+        assert not all(results)
+        for f in futures:
+            if f.exception() is not None:
+                assert isinstance(f.exception(), EngineClosed)
+    with pytest.raises(EngineClosed):
+        eng.submit(factory.make(1))
+    assert eng.cpu_pool is not None
+    assert all(not p.is_alive() for p in eng.cpu_pool._procs)
+
+
+def test_weights_are_shared_by_the_workers(engine) -> None:
+    pool = engine.cpu_pool
+    pool.touch_weights()
+    memory = pool.memory()
+    assert len(memory) == 2
+    for m in memory:
+        assert m["shared"] > 0 and m["pss"] < m["rss"]
+
+
+def test_oversized_requests_are_refused(engine, model) -> None:
+    with pytest.raises(ValueError, match="must be 1 to 1024"):
+        engine.submit(QueryFactory(model.config, seed=1).make(1025))

@@ -1,0 +1,134 @@
+"""DeepRecSched on simulated latency models: the climbs find the known optimum."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from recserve.engine.config import SchedConfig
+from recserve.engine.simulate import PiecewiseLinear, ServiceModel, simulated_measure
+from recserve.engine.tuner import Grids, LoadSearch, guided_search, hill_climb
+from recserve.loadgen.metrics import LatencyTarget, RunResult
+from recserve.loadgen.sizes import QuerySizes
+
+TARGET = LatencyTarget(0.010)
+
+
+def threshold_measure(limit: float):
+    calls = []
+
+    def measure(config: SchedConfig, qps: float) -> RunResult:
+        calls.append(qps)
+        lat = np.full(100, 0.001 if qps <= limit else 0.02 * qps / limit)  # slower with load
+        return RunResult(qps, 100, lat)
+
+    return measure, calls
+
+
+@pytest.mark.parametrize(("limit", "start"), [(123.4, 10.0), (123.4, 5000.0), (7.0, 7.0)])
+def test_load_search_brackets_then_bisects_to_the_limit(limit: float, start: float) -> None:
+    measure, calls = threshold_measure(limit)
+    found = LoadSearch(rel_tol=0.05).run(measure, SchedConfig(), TARGET, start)
+    assert limit / 1.05 <= found.qps <= limit
+    assert len(calls) == len(found.probes) <= 12
+    assert found.queries == 100 * len(calls)
+
+
+def test_load_search_reports_zero_when_nothing_meets_the_target() -> None:
+    measure, calls = threshold_measure(0.1)
+    assert LoadSearch(min_qps=1.0).run(measure, SchedConfig(), TARGET, 50.0).qps == 0.0
+    assert min(calls) >= 50.0 / 64 / 2  # gave up at start / max_drop
+
+
+def test_load_search_gives_up_when_lower_load_does_not_help() -> None:
+    def measure(config: SchedConfig, qps: float) -> RunResult:
+        return RunResult(qps, 100, np.full(100, 0.050))  # 50 ms whatever the load
+
+    found = LoadSearch().run(measure, SchedConfig(), TARGET, 400.0)
+    assert found.qps == 0.0 and len(found.probes) == 2
+
+
+def analytic_measure(best_b: int):
+    """p95 = a queueing-like curve whose capacity peaks at b = ``best_b`` (log-parabola)."""
+
+    def measure(config: SchedConfig, qps: float) -> RunResult:
+        b = config.sub_batch_size or 1024
+        capacity = 1000.0 * math.exp(-0.5 * math.log2(b / best_b) ** 2)
+        tail = 0.002 / max(1e-9, 1 - qps / capacity) if qps < capacity else math.inf
+        return RunResult(qps, 50, np.full(50, tail))
+
+    return measure
+
+
+@pytest.mark.parametrize("best_b", [16, 64, 256])
+def test_hill_climb_finds_the_analytic_optimum(best_b: int) -> None:
+    grids = Grids(sub_batch_size=(8, 16, 32, 64, 128, 256, 512, None))
+    result = hill_climb(analytic_measure(best_b), TARGET, SchedConfig(), grids, start_qps=100.0)
+    assert result.best.config.sub_batch_size == best_b
+    climbed = [c.config.sub_batch_size for c in result.climbed]
+    assert (
+        climbed[-1] == (grids.sub_batch_size[grids.sub_batch_size.index(best_b) + 1])
+    )  # stopped at the drop
+
+
+SIZES = QuerySizes.parse("production").sample(600, np.random.default_rng(0))
+# CPU: 0.5 ms per sub-batch + 40 us per item; GPU: 1 ms per batch + 2 us per item. Small b pays
+# the fixed cost too often, large b leaves workers idle and queries long: an interior optimum.
+SERVICE = ServiceModel(PiecewiseLinear.linear(0.5e-3, 40e-6), PiecewiseLinear.linear(1e-3, 2e-6))
+B_GRID = (16, 32, 64, 128, 256, None)
+T_GRID = (1025, 768, 512, 384, 256, 128, 0)
+
+
+def brute_force(measure, configs):
+    search = LoadSearch()
+    return {c: search.run(measure, c, TARGET, 200.0).qps for c in configs}
+
+
+def test_hill_climb_on_the_simulated_engine_finds_the_best_b_then_t() -> None:
+    measure = simulated_measure(SERVICE, workers=15, sizes=SIZES)
+    grids = Grids(sub_batch_size=B_GRID, gpu_threshold=T_GRID)
+    result = hill_climb(measure, TARGET, SchedConfig(), grids, start_qps=200.0)
+
+    by_b = brute_force(measure, [SchedConfig(sub_batch_size=b) for b in B_GRID])
+    best_b = max(by_b, key=lambda c: by_b[c]).sub_batch_size
+    assert best_b not in (
+        B_GRID[0],
+        B_GRID[-1],
+    )  # the optimum is interior: the test means something
+    by_t = brute_force(
+        measure, [SchedConfig(sub_batch_size=best_b, gpu_threshold=t) for t in T_GRID]
+    )
+    best = max(by_t, key=lambda c: by_t[c])
+    assert best.gpu_threshold not in (T_GRID[0], T_GRID[-1])
+    assert result.best.config == best
+    assert result.best.qps == pytest.approx(by_t[best])
+    assert result.queries < sum(len(g) for g in (B_GRID, T_GRID)) * 12 * len(SIZES)
+
+
+def test_guided_search_matches_the_climb_with_fewer_real_queries() -> None:
+    real = simulated_measure(SERVICE, workers=15, sizes=SIZES, seed=1)
+    # The guide's service model is off by 10%, as a calibration would be.
+    rough = ServiceModel(
+        PiecewiseLinear.linear(0.55e-3, 44e-6), PiecewiseLinear.linear(0.9e-3, 1.8e-6)
+    )
+    guide = simulated_measure(rough, workers=15, sizes=SIZES, seed=2)
+    grids = Grids(sub_batch_size=B_GRID, gpu_threshold=T_GRID)
+    climb = hill_climb(real, TARGET, SchedConfig(), grids, start_qps=200.0)
+    guided = guided_search(real, guide, TARGET, SchedConfig(), grids, start_qps=200.0)
+    assert guided.best.qps >= 0.97 * climb.best.qps
+    assert guided.queries * 3 < climb.queries
+    assert all(c.predicted_qps is not None for c in guided.climbed)
+
+
+def test_the_delay_is_not_climbed_when_nothing_goes_to_the_gpu() -> None:
+    grids = Grids(sub_batch_size=(16, 64), gpu_threshold=(512,), gpu_max_delay=(1e-3, 2e-3))
+
+    def measure(config: SchedConfig, qps: float) -> RunResult:
+        ok = config.gpu_threshold is None and qps <= 100  # offloading only hurts here
+        return RunResult(qps, 50, np.full(50, 0.001 if ok else 0.02 * qps / 100))
+
+    result = hill_climb(measure, TARGET, SchedConfig(), grids, start_qps=50.0)
+    assert not result.best.config.uses_gpu
+    assert all(c.config.gpu_max_delay == 0.0 for c in result.climbed)
