@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from recserve.config import ModelConfig
@@ -203,7 +204,7 @@ def validate_batch(batch: Batch, config: ModelConfig, max_items: int | None = No
         raise ValueError(
             f"dense: expected shape [{b}, {config.num_dense}], got {list(dense.shape)}"
         )
-    if dense.numel() and not bool(torch.isfinite(dense).all()):
+    if dense.numel() and not _all_finite(dense):
         bad = (~torch.isfinite(dense)).nonzero()[0].tolist()
         raise ValueError(f"dense: non-finite value (NaN or Inf) at item {bad[0]}, column {bad[1]}")
     validate_sparse(batch.sparse, config)
@@ -241,21 +242,37 @@ def validate_sparse(sparse: KeyedJagged, config: ModelConfig) -> None:
         raise ValueError("sparse weights: must have one weight per id")
     rows = {t.name: t.num_rows for t in config.tables}
     seqs = {s.name: s for s in config.sequences}
+    starts = offsets[::b] if b else offsets[:1]
+    # One pass per reduction over all ids: per-feature min and max with reduceat.
+    host = values.device.type == "cpu" and offsets.device.type == "cpu"
+    v = values.numpy() if host else values.cpu().numpy()
+    bounds = (starts.numpy() if host else starts.cpu().numpy()).astype(np.int64)
+    nonempty = bounds[1:] > bounds[:-1]
+    mins = np.zeros(len(sparse.keys), dtype=np.int64)
+    maxs = np.zeros(len(sparse.keys), dtype=np.int64)
+    if v.size:  # segments start at each non-empty feature and run to the next one's start
+        first = bounds[:-1][nonempty]
+        mins[nonempty] = np.minimum.reduceat(v, first)
+        maxs[nonempty] = np.maximum.reduceat(v, first)
     for f, key in enumerate(sparse.keys):
         seq = seqs.get(key)
-        num_rows = rows[seq.table] if seq else rows[key]
-        lo, hi = int(offsets[f * b]), int(offsets[(f + 1) * b])
         if seq is not None:
             longest = int(steps[f * b : (f + 1) * b].max())
             if longest > seq.max_len:
                 raise ValueError(
                     f"sequence {key!r}: length {longest} is over its max_len {seq.max_len}"
                 )
-        if hi == lo:
+        if not nonempty[f]:
             continue
-        ids = values[lo:hi]
-        low, high = int(ids.min()), int(ids.max())
+        num_rows = rows[seq.table] if seq else rows[key]
+        low, high = int(mins[f]), int(maxs[f])
         if low < 0:
             raise ValueError(f"feature {key!r}: negative id {low}")
         if high >= num_rows:
             raise ValueError(f"feature {key!r}: id {high} out of range for {num_rows} rows")
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    if t.device.type == "cpu":
+        return bool(np.isfinite(t.numpy()).all())
+    return bool(torch.isfinite(t).all())

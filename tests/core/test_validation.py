@@ -131,3 +131,12 @@ def test_sequence_over_max_len() -> None:
 def test_batch_over_item_limit() -> None:
     with pytest.raises(ValueError, match="over the limit of 3"):
         validate_batch(_batch(), CFG, max_items=3)
+
+
+def test_last_id_checked_when_trailing_features_are_empty() -> None:
+    """The largest id of a feature followed by empty features is still range-checked."""
+    lengths = torch.tensor([1, 2, 0, 0, 0, 0, 0, 0])  # t0 has ids, t1..t3 are empty
+    values = torch.tensor([1, 2, CFG.tables[0].num_rows])
+    sparse = KeyedJagged.from_lengths(CFG.feature_keys, values, lengths)
+    with pytest.raises(ValueError, match="feature 't0': id 97 out of range"):
+        validate_batch(Batch(torch.zeros(2, CFG.num_dense), sparse), CFG)

@@ -53,7 +53,7 @@ class CpuWorkerPool:
             raise ValueError("a CPU worker pool needs at least one worker")
         if arena.spec.slots < workers + 1:
             raise ValueError("the staging arena needs a slot per worker plus one")
-        self.keys = tuple(t.name for t in config.tables) + tuple(s.name for s in config.sequences)
+        self.keys = config.feature_keys
         self.arena = arena
         ctx = mp.get_context("spawn")
         self._procs: list[BaseProcess] = []

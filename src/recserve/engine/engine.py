@@ -77,7 +77,8 @@ def resolve_runner_device(device: str) -> torch.device | None:
 
 def default_ids_per_item(config: ModelConfig) -> int:
     return max(
-        1, 2 * sum(t.lookups for t in config.tables) + sum(s.max_len for s in config.sequences)
+        1,
+        2 * sum(t.lookups for t in config.pooled_tables) + sum(s.max_len for s in config.sequences),
     )
 
 
@@ -96,9 +97,7 @@ class RecEngine:
     ) -> None:
         self.engine_config = config = config or EngineConfig()
         self.config: ModelConfig = model.config  # type: ignore[assignment]
-        self.keys = tuple(t.name for t in self.config.tables) + tuple(
-            s.name for s in self.config.sequences
-        )
+        self.keys = self.config.feature_keys
         self.device = resolve_runner_device(config.device)
         if config.cpu_workers == 0 and self.device is None:
             raise ValueError("an engine needs CPU workers or a runner device")

@@ -95,7 +95,7 @@ class ArenaSpec:
             slots=slots,
             max_items=max_items,
             max_values=max_items * max_ids_per_item,
-            num_features=len(config.tables) + len(config.sequences),
+            num_features=len(config.feature_keys),
             num_dense=config.num_dense,
             num_tasks=config.num_tasks,
         )

@@ -1,0 +1,95 @@
+"""``recserve bench server``: the KServe front end's cost over the in-process engine.
+
+p50 overhead of 256-item wnd and dlrm-rmc2 queries over HTTP and gRPC, saturation QPS against
+the in-process engine, and a soak at 80% of capacity reporting the server's memory growth.
+Writes ``<out>/<device>/bench_server[_quick].json`` with the ``summary`` first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from recserve.models.registry import PRESETS
+from recserve.server.bench import BenchOptions, run_bench
+
+QUICK = {"preset": "small", "iters": 100, "warmup": 10, "concurrency": 4, "saturation_s": 6.0,
+         "soak_s": 30.0, "soak_warmup_s": 10.0}  # fmt: skip
+"""``--quick``: what runs on a 2-core CPU machine in about a minute and a half."""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+    d = BenchOptions()
+    p = subparsers.add_parser(
+        "server",
+        help="KServe server overhead vs in-process, saturation QPS, soak memory",
+        description=__doc__,
+    )
+    p.add_argument(
+        "--quick", action="store_true", help=f"reduced run for a CPU machine: {json.dumps(QUICK)}"
+    )
+    p.add_argument("--models", nargs="+", default=list(d.models), help="latency models")
+    p.add_argument(
+        "--preset", choices=PRESETS, default=None, help="default: paper (small with --quick)"
+    )
+    p.add_argument("--batch", type=int, default=d.batch, help="items per query")
+    p.add_argument("--iters", type=int, default=None, help=f"timed queries (default {d.iters})")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help=f"closed-loop clients at saturation (default {d.concurrency})",
+    )
+    p.add_argument(
+        "--saturation-s",
+        type=float,
+        default=None,
+        help=f"seconds per saturation run (default {d.saturation_s:g})",
+    )
+    p.add_argument("--soak-s", type=float, default=None, help=f"soak length (default {d.soak_s:g})")
+    p.add_argument(
+        "--soak-load",
+        type=float,
+        default=d.soak_load,
+        help="soak arrival rate as a fraction of saturation QPS",
+    )
+    p.add_argument("--device", default=d.device, help="cpu, cuda or auto")
+    p.add_argument("--workers", type=int, default=d.workers, help="engine worker threads")
+    p.add_argument(
+        "--intra-op-threads",
+        type=int,
+        default=d.intra_op_threads,
+        help="torch threads per engine worker, in-process and in the server alike",
+    )
+    p.add_argument("--out", type=Path, default=d.out, help="results folder")
+    p.set_defaults(func=run)
+    return p
+
+
+def options_from_args(args: argparse.Namespace) -> BenchOptions:
+    fields: dict[str, Any] = dict(QUICK) if args.quick else {}
+    for key in ("preset", "iters", "concurrency", "saturation_s", "soak_s"):
+        value = getattr(args, key)
+        if value is not None:
+            fields[key] = value
+    return BenchOptions(
+        models=tuple(args.models),
+        batch=args.batch,
+        soak_load=args.soak_load,
+        device=args.device,
+        workers=args.workers,
+        intra_op_threads=args.intra_op_threads,
+        out=args.out,
+        name="bench_server_quick" if args.quick else "bench_server",
+        **fields,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    path, result = run_bench(options_from_args(args))
+    json.dump(result["summary"], sys.stdout, indent=2)
+    print(f"\nwrote {path}")
+    return 0

@@ -1,0 +1,385 @@
+"""``recserve bench server``: what the network front end costs over calling the engine in-process.
+
+Questions, each answered on the same machine, loopback, in one run:
+
+1. p50 latency overhead of one query (256 items by default) over HTTP and over gRPC, against
+   ``engine.submit(batch).result()`` in-process, for wnd and dlrm-rmc2 (the latter about 1M ids,
+   8 MB on the wire: moving bytes dominates).
+2. Saturation throughput: ``concurrency`` closed-loop clients against the server, and the same
+   number of threads submitting to an in-process engine; the ratio.
+3. Soak: open-loop Poisson arrivals at ``soak_load`` of the server's saturation QPS (HTTP and
+   gRPC alternating) for ``soak_s`` seconds; the server process's resident memory after warm-up
+   and at the end.
+
+The server runs as a separate process (``python -m recserve.server``) on a repository written
+for the run, so client and server do not share a GIL. Both sides use the same engine
+(:class:`~recserve.server.local_engine.LocalEngine`) on the same device.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from recserve.bench.common import device_label, write_result
+from recserve.config import ModelConfig
+from recserve.loadgen.synthetic import QueryFactory
+from recserve.models import build_model, load_model, save_model
+from recserve.runtime import resolve_device
+from recserve.server.client import GRPCClient, HTTPClient, InferError
+from recserve.server.local_engine import LocalEngine
+from recserve.types import Batch, validate_batch
+
+READY_LINE = re.compile(r"HTTP on (\S+):(\d+), gRPC on (\S+):(\d+)")
+
+
+@dataclass
+class BenchOptions:
+    models: tuple[str, ...] = ("wnd", "dlrm-rmc2")
+    preset: str = "paper"
+    batch: int = 256
+    iters: int = 200
+    warmup: int = 20
+    latency_model: str = "wnd"
+    """Model of the saturation and soak runs."""
+    concurrency: int = 8
+    saturation_s: float = 15.0
+    soak_s: float = 600.0
+    soak_load: float = 0.8
+    soak_warmup_s: float = 60.0
+    device: str = "auto"
+    workers: int = 1
+    intra_op_threads: int = 1
+    """Torch threads per engine worker, in-process and in the server alike (and of both
+    processes' other threads: validation, clients)."""
+    seed: int = 0
+    out: Path = Path("benchmarks/results")
+    name: str = "bench_server"
+
+
+def percentiles(samples_s: list[float]) -> dict[str, float]:
+    ms = np.asarray(samples_s) * 1e3
+    return {
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p95_ms": float(np.percentile(ms, 95)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "mean_ms": float(ms.mean()),
+        "n": len(ms),
+    }
+
+
+def timed(
+    call: Callable[[Batch], Any], queries: list[Batch], iters: int, warmup: int
+) -> list[float]:
+    for i in range(warmup):
+        call(queries[i % len(queries)])
+    samples = []
+    for i in range(iters):
+        start = time.perf_counter()
+        call(queries[i % len(queries)])
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+def closed_loop(
+    make_call: Callable[[], Callable[[Batch], Any]],
+    queries: list[Batch],
+    threads: int,
+    seconds: float,
+) -> dict[str, Any]:
+    """``threads`` callers, each issuing queries back to back for ``seconds``; QPS and errors."""
+    stop = time.perf_counter() + seconds
+    counts, errors = [0] * threads, [0] * threads
+
+    def loop(k: int) -> None:
+        call = make_call()
+        i = k
+        while time.perf_counter() < stop:
+            try:
+                call(queries[i % len(queries)])
+                counts[k] += 1
+            except InferError:
+                errors[k] += 1
+            i += 1
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(loop, range(threads)))
+    elapsed = time.perf_counter() - start
+    return {
+        "qps": sum(counts) / elapsed,
+        "queries": sum(counts),
+        "errors": sum(errors),
+        "seconds": elapsed,
+        "threads": threads,
+    }
+
+
+class ServerProcess:
+    """``python -m recserve.server`` on ephemeral loopback ports."""
+
+    def __init__(self, repository: Path, opts: BenchOptions) -> None:
+        cmd = [
+            sys.executable, "-m", "recserve.server", "--repository", str(repository),
+            "--http-port", "0", "--grpc-port", "0", "--device", opts.device,
+            "--workers", str(opts.workers), "--max-body-mb", "512",
+            "--max-items", str(max(4096, opts.batch)), "--max-queue", str(64 * opts.concurrency),
+            "--log-level", "WARNING", "--intra-op-threads", str(opts.intra_op_threads),
+            "--torch-threads", str(opts.intra_op_threads),
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + 600
+        for line in self.proc.stdout:
+            match = READY_LINE.search(line)
+            if match:
+                self.http_url = f"{match[1]}:{match[2]}"
+                self.grpc_url = f"{match[3]}:{match[4]}"
+                break
+            if time.monotonic() > deadline:
+                break
+        else:
+            raise RuntimeError(f"server exited with {self.proc.wait()} before it was ready")
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        assert self.proc.stdout is not None
+        for _ in self.proc.stdout:
+            pass
+
+    def rss_bytes(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+    def stop(self) -> dict[str, Any]:
+        start = time.perf_counter()
+        self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(120)
+        return {"returncode": rc, "shutdown_s": time.perf_counter() - start}
+
+
+def soak(
+    server: ServerProcess,
+    config: ModelConfig,
+    model: str,
+    queries: list[Batch],
+    qps: float,
+    seconds: float,
+    warmup_s: float,
+    threads: int,
+    seed: int,
+) -> dict[str, Any]:
+    """Open-loop Poisson arrivals at ``qps``; latency from each query's scheduled arrival."""
+    rng = np.random.default_rng(seed)
+    local = threading.local()
+    latencies: list[float] = []
+    failures: list[str] = []
+    lock = threading.Lock()
+
+    def issue(i: int, arrival: float) -> None:
+        if not hasattr(local, "clients"):
+            local.clients = (HTTPClient(server.http_url), GRPCClient(server.grpc_url))
+        try:
+            local.clients[i % 2].infer(model, config, queries[i % len(queries)])
+            with lock:
+                latencies.append(time.perf_counter() - arrival)
+        except (InferError, OSError) as e:
+            with lock:
+                failures.append(type(e).__name__ + ": " + str(e)[:100])
+
+    rss: list[tuple[float, int]] = []
+    start = time.perf_counter()
+    next_sample = start
+    arrival = start
+    i = 0
+    with ThreadPoolExecutor(threads) as pool:
+        while arrival < start + seconds:
+            now = time.perf_counter()
+            if now >= next_sample:
+                rss.append((now - start, server.rss_bytes()))
+                next_sample += 1.0
+            if arrival > now:
+                time.sleep(min(arrival - now, 0.05))
+                continue
+            pool.submit(issue, i, arrival)
+            i += 1
+            arrival += rng.exponential(1.0 / qps)
+    rss.append((time.perf_counter() - start, server.rss_bytes()))
+    after_warmup = next(r for t, r in rss if t >= min(warmup_s, seconds / 2))
+    growth = (rss[-1][1] - after_warmup) / after_warmup
+    return {
+        "target_qps": qps,
+        "achieved_qps": len(latencies) / (time.perf_counter() - start),
+        "seconds": seconds,
+        "warmup_s": min(warmup_s, seconds / 2),
+        "queries": i,
+        "failures": len(failures),
+        "failure_examples": failures[:5],
+        "latency": percentiles(latencies) if latencies else {},
+        "rss_after_warmup_bytes": after_warmup,
+        "rss_end_bytes": rss[-1][1],
+        "rss_growth_frac": growth,
+        "rss_samples": [[round(t, 1), r] for t, r in rss],
+    }
+
+
+def run_bench(opts: BenchOptions) -> tuple[Path, dict[str, Any]]:
+    """Run the three measurements; write and return the result (``summary`` first)."""
+    device = resolve_device(opts.device)
+    load_before = os.getloadavg()
+    torch.set_num_threads(opts.intra_op_threads)
+    with tempfile.TemporaryDirectory(prefix="recserve-bench-") as tmp:
+        repo = Path(tmp)
+        queries: dict[str, list[Batch]] = {}
+        engines: dict[str, LocalEngine] = {}
+        for k, name in enumerate(opts.models):
+            save_model(build_model(name, opts.preset, seed=opts.seed + k), repo / name)
+            model = load_model(repo / name, device=device)
+            factory = QueryFactory(model.config, seed=opts.seed + k)
+            queries[name] = [factory.make(opts.batch) for _ in range(4)]
+            engines[name] = LocalEngine(
+                model, workers=opts.workers, intra_op_threads=opts.intra_op_threads
+            )
+        server = ServerProcess(repo, opts)
+        try:
+            latency = {
+                n: measure_latency(engines[n], server, n, queries[n], opts) for n in opts.models
+            }
+            saturation = measure_saturation(engines[opts.latency_model], server, opts.latency_model,
+                                            queries[opts.latency_model], opts)  # fmt: skip
+            config = engines[opts.latency_model].config
+            for engine in engines.values():
+                engine.close()
+            soak_qps = opts.soak_load * min(saturation["http"]["qps"], saturation["grpc"]["qps"])
+            soak_result = soak(server, config, opts.latency_model, queries[opts.latency_model],
+                               soak_qps, opts.soak_s, opts.soak_warmup_s, 4 * opts.concurrency,
+                               opts.seed)  # fmt: skip
+        finally:
+            for engine in engines.values():
+                engine.close()
+            shutdown = server.stop()
+    notes = [
+        "latency and saturation interleave in-process and server runs in rounds, so load from "
+        "other processes falls on both alike",
+    ]
+    if opts.soak_s < 600:
+        notes.append(f"short soak: {opts.soak_s:g} s (the target names 10 minutes)")
+    if device.type == "cpu":
+        notes.append("CPU only: client, server and engine share the machine's cores")
+    body = {
+        "options": {**asdict(opts), "out": str(opts.out), "device": str(device)},
+        "latency": latency,
+        "saturation": saturation,
+        "soak": soak_result,
+        "shutdown": shutdown,
+        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
+        "notes": notes,
+    }  # fmt: skip
+    summary = summarize(latency, saturation, soak_result)
+    path = write_result(opts.out, opts.name, summary, body, device=device_label(device))
+    return path, {"summary": summary, **body}
+
+
+def measure_latency(engine: LocalEngine, server: ServerProcess, name: str, queries: list[Batch],
+                    opts: BenchOptions, rounds: int = 5) -> dict[str, Any]:  # fmt: skip
+    """Sequential queries: in-process, HTTP and gRPC, interleaved in ``rounds``."""
+    config = engine.config
+    http, grpc_client = HTTPClient(server.http_url), GRPCClient(server.grpc_url)
+    calls: dict[str, Callable[[Batch], Any]] = {
+        "inprocess": lambda b: engine.submit(b).result(),
+        "http": lambda b: http.infer(name, config, b),
+        "grpc": lambda b: grpc_client.infer(name, config, b),
+    }
+    expected = engine.submit(queries[0]).result().numpy()
+    diffs = {p: float(np.abs(calls[p](queries[0]) - expected).max()) for p in ("http", "grpc")}
+    samples: dict[str, list[float]] = {p: [] for p in calls}
+    per_round = max(1, opts.iters // rounds)
+    for r in range(rounds):
+        for proto, call in calls.items():
+            samples[proto] += timed(call, queries, per_round, opts.warmup if r == 0 else 2)
+    http.close()
+    grpc_client.close()
+    checks = timed(lambda b: validate_batch(b, config), queries, per_round, 2)
+    result: dict[str, Any] = {p: percentiles(v) for p, v in samples.items()}
+    base = result["inprocess"]["p50_ms"]
+    for proto in ("http", "grpc"):
+        result[proto]["overhead_ms"] = result[proto]["p50_ms"] - base
+        result[proto]["overhead_frac"] = result[proto]["overhead_ms"] / base
+        result[proto]["max_abs_diff_vs_inprocess"] = diffs[proto]
+    q = queries[0]
+    result["ids_per_query"] = int(q.sparse.values.numel())
+    result["request_bytes"] = int(
+        q.dense.numel() * 4 + (q.sparse.values.numel() + q.sparse.offsets.numel()) * 8
+    )
+    result["validate_p50_ms"] = percentiles(checks)["p50_ms"]
+    return result
+
+
+def measure_saturation(engine: LocalEngine, server: ServerProcess, name: str,
+                       queries: list[Batch], opts: BenchOptions, rounds: int = 2) -> dict[str, Any]:  # fmt: skip
+    """Closed-loop QPS with ``concurrency`` callers: in-process, HTTP, gRPC, interleaved."""
+    config = engine.config
+
+    def client_call(cls: Any, url: str) -> Callable[[], Callable[[Batch], Any]]:
+        def make() -> Callable[[Batch], Any]:
+            client = cls(url)
+            return lambda b: client.infer(name, config, b)
+
+        return make
+
+    makers = {
+        "inprocess": lambda: lambda b: engine.submit(b).result(),
+        "http": client_call(HTTPClient, server.http_url),
+        "grpc": client_call(GRPCClient, server.grpc_url),
+    }
+    runs: dict[str, list[dict[str, Any]]] = {p: [] for p in makers}
+    for _ in range(rounds):
+        for proto, make in makers.items():
+            runs[proto].append(
+                closed_loop(make, queries, opts.concurrency, opts.saturation_s / rounds)
+            )
+    result: dict[str, Any] = {"model": name}
+    for proto, parts in runs.items():
+        seconds = sum(p["seconds"] for p in parts)
+        done = sum(p["queries"] for p in parts)
+        result[proto] = {"qps": done / seconds, "queries": done, "seconds": seconds,
+                         "errors": sum(p["errors"] for p in parts), "threads": opts.concurrency}  # fmt: skip
+    for proto in ("http", "grpc"):
+        result[proto]["vs_inprocess"] = result[proto]["qps"] / result["inprocess"]["qps"]
+    return result
+
+
+def summarize(
+    latency: dict[str, Any], saturation: dict[str, Any], soak_result: dict[str, Any]
+) -> dict[str, Any]:
+    def get(model: str, proto: str, key: str) -> float | None:
+        return latency.get(model, {}).get(proto, {}).get(key)
+
+    return {
+        "http_p50_overhead_ms_wnd256": get("wnd", "http", "overhead_ms"),
+        "grpc_p50_overhead_ms_wnd256": get("wnd", "grpc", "overhead_ms"),
+        "http_overhead_frac_rmc2_256": get("dlrm-rmc2", "http", "overhead_frac"),
+        "grpc_overhead_frac_rmc2_256": get("dlrm-rmc2", "grpc", "overhead_frac"),
+        "server_vs_inprocess_qps_frac": min(
+            saturation["http"]["vs_inprocess"], saturation["grpc"]["vs_inprocess"]
+        ),
+        "soak_memory_growth_frac": soak_result["rss_growth_frac"],
+    }

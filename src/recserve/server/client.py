@@ -1,0 +1,153 @@
+"""Small KServe v2 clients that send a :class:`~recserve.types.Batch` as binary tensors.
+
+They speak the same protocol as ``tritonclient`` (which works against the server unchanged) with
+less per-call work: one keep-alive ``http.client`` connection, or one gRPC channel, per client,
+and no per-element Python. One client per thread; the benchmark and network load generation
+use them.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from recserve.config import ModelConfig
+from recserve.server.grpc_wire import join_infer_request
+from recserve.server.http_codec import HEADER_LENGTH
+from recserve.server.protocol import DENSE, OFFSETS, OUTPUT, VALUES
+from recserve.types import Batch
+
+
+class InferError(RuntimeError):
+    """The server answered an error; ``status`` is the HTTP status or gRPC code name."""
+
+    def __init__(self, status: int | str, message: str) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
+        self.message = message
+
+
+def batch_tensors(
+    batch: Batch, config: ModelConfig
+) -> Iterator[tuple[str, str, list[int], memoryview]]:
+    """``(name, datatype, shape, little-endian bytes)`` of every input tensor of ``batch``."""
+    if config.num_dense:
+        dense = batch.dense.detach().cpu().contiguous()
+        yield DENSE, "FP32", list(dense.shape), _bytes(dense)
+    for key in config.feature_keys:
+        values, offsets = batch.sparse.feature(key)
+        values, offsets = values.cpu().contiguous(), offsets.cpu().contiguous()
+        yield f"{key}.{VALUES}", "INT64", [values.numel()], _bytes(values)
+        yield f"{key}.{OFFSETS}", "INT64", [offsets.numel()], _bytes(offsets)
+
+
+def _bytes(t: torch.Tensor) -> memoryview:
+    return t.numpy().reshape(-1).view(np.uint8).data
+
+
+class HTTPClient:
+    """KServe v2 HTTP/REST with the binary tensor data extension."""
+
+    def __init__(self, url: str, timeout_s: float = 60.0) -> None:
+        host, _, port = url.rpartition(":")
+        self._conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=timeout_s)
+
+    def infer(self, model: str, config: ModelConfig, batch: Batch) -> np.ndarray:
+        inputs, blobs = [], []
+        for name, datatype, shape, data in batch_tensors(batch, config):
+            inputs.append(
+                {
+                    "name": name,
+                    "datatype": datatype,
+                    "shape": shape,
+                    "parameters": {"binary_data_size": data.nbytes},
+                }
+            )
+            blobs.append(data)
+        request = {
+            "inputs": inputs,
+            "outputs": [{"name": OUTPUT, "parameters": {"binary_data": True}}],
+        }
+        header = json.dumps(request).encode()
+        size = len(header) + sum(b.nbytes for b in blobs)
+        status, headers, body = self._post(
+            f"/v2/models/{model}/infer",
+            [header, *blobs],
+            {
+                "Content-Type": "application/octet-stream",
+                "Content-Length": str(size),
+                HEADER_LENGTH: str(len(header)),
+            },
+        )
+        if status != 200:
+            raise InferError(status, json.loads(body).get("error", ""))
+        hlen = int(headers[HEADER_LENGTH])
+        meta = json.loads(body[:hlen])["outputs"][0]
+        return np.frombuffer(body, dtype="<f4", offset=hlen).reshape(meta["shape"])
+
+    def get_json(self, path: str) -> tuple[int, Any]:
+        self._conn.request("GET", path)
+        response = self._conn.getresponse()
+        body = response.read()
+        return response.status, json.loads(body) if body else None
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def _post(
+        self, path: str, chunks: list[Any], headers: dict[str, str]
+    ) -> tuple[int, dict[str, str], bytes]:
+        for attempt in range(2):
+            try:
+                self._conn.request("POST", path, body=iter(chunks), headers=headers)
+                response = self._conn.getresponse()
+                return response.status, dict(response.getheaders()), response.read()
+            except (ConnectionError, http.client.RemoteDisconnected):
+                # A keep-alive connection the server closed while idle; retry once, fresh.
+                self._conn.close()
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+
+class GRPCClient:
+    """KServe v2 gRPC with ``raw_input_contents``, serialized with one copy of the tensors
+    (:func:`~recserve.server.grpc_wire.join_infer_request`)."""
+
+    def __init__(self, url: str, max_message_bytes: int = 256 << 20) -> None:
+        options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
+        self._channel = grpc.insecure_channel(url, options=options)
+        self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        self._infer = self._channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=None,
+            response_deserializer=service_pb2.ModelInferResponse.FromString,
+        )
+
+    def infer(
+        self, model: str, config: ModelConfig, batch: Batch, timeout_s: float = 60.0
+    ) -> np.ndarray:
+        request = service_pb2.ModelInferRequest(model_name=model)
+        raw = []
+        for name, datatype, shape, data in batch_tensors(batch, config):
+            request.inputs.add(name=name, datatype=datatype, shape=shape)
+            raw.append(data)
+        try:
+            response = self._infer(join_infer_request(request, raw), timeout=timeout_s)
+        except grpc.RpcError as e:
+            raise InferError(e.code().name, e.details() or "") from None
+        shape = list(response.outputs[0].shape)
+        return np.frombuffer(response.raw_output_contents[0], dtype="<f4").reshape(shape)
+
+    def close(self) -> None:
+        self._channel.close()

@@ -1,0 +1,56 @@
+"""Errors a request can end in, each with its HTTP status and gRPC status code.
+
+Everything the server raises while answering a request is a :class:`ServerError`; the HTTP and
+gRPC front ends turn it into ``{"error": message}`` with :attr:`ServerError.http_status`, or an
+aborted RPC with :attr:`ServerError.grpc_code`. ``reason`` labels the failure in ``/metrics``.
+"""
+
+from __future__ import annotations
+
+
+class ServerError(Exception):
+    """A request that cannot be answered; the message says why and names the tensor."""
+
+    http_status = 500
+    grpc_code = "INTERNAL"
+    reason = "internal"
+
+
+class InvalidArgument(ServerError):
+    """Malformed request or bad tensor (HTTP 400, gRPC INVALID_ARGUMENT)."""
+
+    http_status = 400
+    grpc_code = "INVALID_ARGUMENT"
+    reason = "invalid_argument"
+
+
+class NotFound(ServerError):
+    """Unknown model, version or route (HTTP 404, gRPC NOT_FOUND)."""
+
+    http_status = 404
+    grpc_code = "NOT_FOUND"
+    reason = "not_found"
+
+
+class PayloadTooLarge(ServerError):
+    """Body over the size limit (HTTP 413, gRPC RESOURCE_EXHAUSTED as gRPC itself answers)."""
+
+    http_status = 413
+    grpc_code = "RESOURCE_EXHAUSTED"
+    reason = "too_large"
+
+
+class QueueFull(ServerError):
+    """The model's bounded queue is full; retry later (HTTP 429, gRPC RESOURCE_EXHAUSTED)."""
+
+    http_status = 429
+    grpc_code = "RESOURCE_EXHAUSTED"
+    reason = "overloaded"
+
+
+class Unavailable(ServerError):
+    """Shutting down, or the model is being unloaded (HTTP 503, gRPC UNAVAILABLE)."""
+
+    http_status = 503
+    grpc_code = "UNAVAILABLE"
+    reason = "unavailable"

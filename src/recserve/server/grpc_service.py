@@ -1,0 +1,223 @@
+"""KServe v2 over gRPC (``grpc.aio``), with the official protobuf definitions.
+
+The messages come from ``tritonclient.grpc`` (Triton's ``grpc_service.proto`` and
+``model_config.proto``, a superset of KServe's ``grpc_predict_v2.proto`` with the repository and
+model-config RPCs), so ``tritonclient.grpc`` and any client generated from those protos work
+unchanged. The handlers are registered by hand rather than through the generated
+``add_GRPCInferenceServiceServicer_to_server`` for one reason: ``ModelInfer`` takes the request's
+bytes and keeps its ``raw_input_contents`` as views (:mod:`recserve.server.grpc_wire`) instead
+of letting protobuf copy megabytes of ids. RPCs not listed in :data:`RPCS` answer UNIMPLEMENTED.
+Tensors travel as ``raw_input_contents`` / ``raw_output_contents`` (little-endian bytes, one entry
+per tensor); typed ``contents`` (``int64_contents``, ``fp32_contents``) are accepted too.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+import numpy as np
+from google.protobuf import json_format
+from tritonclient.grpc import model_config_pb2, service_pb2
+
+from recserve.server.core import ServerCore
+from recserve.server.errors import InvalidArgument, ServerError
+from recserve.server.grpc_wire import split_infer_request
+from recserve.server.protocol import (
+    ModelSignature,
+    WireTensor,
+    tensor_from_bytes,
+    tensor_from_list,
+)
+from recserve.server.repository import VERSION
+from recserve.types import Batch
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+
+_CONTENTS = {"INT64": "int64_contents", "FP32": "fp32_contents"}
+
+
+SERVICE = "inference.GRPCInferenceService"
+RPCS = (
+    "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelConfig",
+    "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload",
+)  # fmt: skip
+"""RPCs with protobuf requests; ``ModelInfer`` comes on top, with its request as bytes."""
+
+
+def decode_infer_request(
+    request: service_pb2.ModelInferRequest,
+    raw: Sequence[bytes | memoryview],
+    signature: ModelSignature,
+) -> tuple[Batch, list[str]]:
+    """The batch of a ModelInferRequest (raw contents apart) and the outputs it asks for."""
+    raw = raw or request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidArgument(
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs "
+            "(one per input, in order)"
+        )
+    tensors: dict[str, WireTensor] = {}
+    for i, tensor in enumerate(request.inputs):
+        name = tensor.name
+        shape = signature.check_input(name, tensor.datatype, tuple(tensor.shape))
+        if name in tensors:
+            raise InvalidArgument(f"input {name!r} is given twice")
+        if raw:
+            tensors[name] = tensor_from_bytes(name, tensor.datatype, shape, raw[i])
+        else:
+            field = _CONTENTS[tensor.datatype]
+            data = np.asarray(getattr(tensor.contents, field))
+            tensors[name] = tensor_from_list(name, tensor.datatype, shape, data)
+    outputs = [o.name for o in request.outputs] or list(signature.output_names())
+    for name in outputs:
+        if name not in signature.output_names():
+            raise InvalidArgument(
+                f"unknown output {name!r}; the model's outputs are {list(signature.output_names())}"
+            )
+    return signature.to_batch(tensors), outputs
+
+
+def _rpc(
+    method: Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]],
+) -> Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]:
+    """Answer a :class:`ServerError` with its status code and message."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Request, context: grpc.aio.ServicerContext) -> Response:
+        try:
+            return await method(self, request, context)
+        except ServerError as e:
+            await context.abort(grpc.StatusCode[e.grpc_code], str(e))
+            raise AssertionError("unreachable") from e
+
+    return wrapper
+
+
+class KServeServicer:
+    """The GRPCInferenceService RPCs recserve implements."""
+
+    def __init__(self, core: ServerCore) -> None:
+        self.core = core
+
+    async def ServerLive(self, request: Any, context: Any) -> service_pb2.ServerLiveResponse:
+        return service_pb2.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: Any) -> service_pb2.ServerReadyResponse:
+        return service_pb2.ServerReadyResponse(ready=self.core.ready)
+
+    async def ModelReady(self, request: Any, context: Any) -> service_pb2.ModelReadyResponse:
+        try:
+            self.core.repository.get(request.name, request.version)
+        except ServerError:
+            return service_pb2.ModelReadyResponse(ready=False)
+        return service_pb2.ModelReadyResponse(ready=True)
+
+    @_rpc
+    async def ServerMetadata(
+        self, request: Any, context: Any
+    ) -> service_pb2.ServerMetadataResponse:
+        return json_format.ParseDict(
+            self.core.server_metadata(), service_pb2.ServerMetadataResponse()
+        )
+
+    @_rpc
+    async def ModelMetadata(self, request: Any, context: Any) -> service_pb2.ModelMetadataResponse:
+        served = self.core.repository.get(request.name, request.version)
+        return json_format.ParseDict(served.metadata(), service_pb2.ModelMetadataResponse())
+
+    @_rpc
+    async def ModelConfig(self, request: Any, context: Any) -> service_pb2.ModelConfigResponse:
+        served = self.core.repository.get(request.name, request.version)
+        config = json_format.ParseDict(served.model_config(), model_config_pb2.ModelConfig())
+        return service_pb2.ModelConfigResponse(config=config)
+
+    @_rpc
+    async def RepositoryIndex(
+        self, request: Any, context: Any
+    ) -> service_pb2.RepositoryIndexResponse:
+        return json_format.ParseDict(
+            {"models": self.core.repository.index()}, service_pb2.RepositoryIndexResponse()
+        )
+
+    @_rpc
+    async def RepositoryModelLoad(
+        self, request: Any, context: Any
+    ) -> service_pb2.RepositoryModelLoadResponse:
+        self.core.check_model_control()
+        await self.core.repository.load(request.model_name)
+        return service_pb2.RepositoryModelLoadResponse()
+
+    @_rpc
+    async def RepositoryModelUnload(
+        self, request: Any, context: Any
+    ) -> service_pb2.RepositoryModelUnloadResponse:
+        self.core.check_model_control()
+        await self.core.repository.unload(request.model_name)
+        return service_pb2.RepositoryModelUnloadResponse()
+
+    @_rpc
+    async def ModelInfer(self, data: bytes, context: Any) -> service_pb2.ModelInferResponse:
+        start = time.perf_counter()
+        core = self.core
+        try:
+            request, raw = split_infer_request(data)
+            served = core.repository.get(request.model_name, request.model_version)
+        except ServerError as e:
+            core.metrics.for_request("", "grpc").failure(e.reason)
+            raise
+        metrics = core.metrics.for_request(served.name, "grpc")
+        try:
+            batch, outputs = await core.decode(
+                len(data), decode_infer_request, request, raw, served.signature
+            )
+            result = await core.infer(served, batch)
+            scores = result.scores.numpy()
+            response = service_pb2.ModelInferResponse(
+                model_name=served.name, model_version=VERSION, id=request.id
+            )
+            for name in outputs:
+                response.outputs.add(name=name, datatype="FP32", shape=list(scores.shape))
+                response.raw_output_contents.append(scores.tobytes())
+        except ServerError as e:
+            metrics.failure(e.reason)
+            raise
+        except Exception:
+            metrics.failure(ServerError.reason)
+            raise
+        metrics.success(
+            batch.batch_size, result.queue_s, result.compute_s, time.perf_counter() - start
+        )
+        return response
+
+
+def build_server(core: ServerCore) -> grpc.aio.Server:
+    limit = core.settings.max_body_bytes
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    servicer = KServeServicer(core)
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, name),
+            request_deserializer=getattr(service_pb2, f"{name}Request").FromString,
+            response_serializer=getattr(service_pb2, f"{name}Response").SerializeToString,
+        )
+        for name in RPCS
+    }
+    handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
+        servicer.ModelInfer,
+        request_deserializer=None,  # bytes: see grpc_wire
+        response_serializer=service_pb2.ModelInferResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    return server

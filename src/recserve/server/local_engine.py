@@ -1,0 +1,132 @@
+"""A minimal :class:`~recserve.engine.interface.InferenceEngine`: a bounded FIFO and worker
+threads that call ``model(batch)``.
+
+It stands in for the real engine (scheduler, CPU workers, GPU runner) where that is not wired
+in, and is the in-process baseline the server benchmark compares against.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+import torch
+
+from recserve.config import ModelConfig
+from recserve.engine.interface import EngineClosed, Overloaded
+from recserve.types import Batch
+
+_STOP = None
+
+
+class LocalEngine:
+    """Runs ``model(batch)`` on ``workers`` threads, FIFO, under ``torch.inference_mode``, each
+    with ``intra_op_threads`` torch threads."""
+
+    def __init__(
+        self,
+        model: Callable[[Batch], torch.Tensor],
+        config: ModelConfig | None = None,
+        *,
+        workers: int = 1,
+        max_queue: int = 64,
+        device: torch.device | str | None = None,
+        intra_op_threads: int | None = None,
+    ) -> None:
+        found = config if config is not None else getattr(model, "config", None)
+        if not isinstance(found, ModelConfig):
+            raise ValueError("LocalEngine needs a ModelConfig (model.config or config=)")
+        self.config = found
+        self.model = model
+        self.device = torch.device(device) if device is not None else _model_device(model)
+        self._queue: queue.Queue[tuple[Batch, Future[torch.Tensor]] | None] = queue.Queue(max_queue)
+        # torch.set_num_threads is per thread (OpenMP): each worker sets its own, by default the
+        # creating thread's count.
+        self._intra_op_threads = intra_op_threads or torch.get_num_threads()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._counts = {"requests": 0, "items": 0, "failures": 0, "busy_workers": 0}
+        self._threads = [
+            threading.Thread(target=self._work, name=f"local-engine-{i}", daemon=True)
+            for i in range(workers)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, batch: Batch) -> Future[torch.Tensor]:
+        future: Future[torch.Tensor] = Future()
+        with self._lock:
+            if self._closed:
+                raise EngineClosed(f"engine of {self.config.name!r} is closed")
+            try:
+                self._queue.put_nowait((batch, future))
+            except queue.Full:
+                raise Overloaded(
+                    f"engine queue of {self.config.name!r} is full ({self._queue.maxsize})"
+                ) from None
+        return future
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                **self._counts,
+                "queue_depth": self._queue.qsize(),
+                "workers": len(self._threads),
+            }
+
+    def close(self, drain: bool = True) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if not drain:
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None and item[1].set_running_or_notify_cancel():
+                    item[1].set_exception(EngineClosed("engine closed before running the request"))
+        for _ in self._threads:
+            self._queue.put(_STOP)
+        for t in self._threads:
+            t.join()
+
+    def _work(self) -> None:
+        torch.set_num_threads(self._intra_op_threads)
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch, future = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            with self._lock:
+                self._counts["busy_workers"] += 1
+            try:
+                with torch.inference_mode():
+                    scores = self.model(batch.to(self.device, non_blocking=True))
+                    result = scores.float().cpu()
+            except Exception as e:
+                with self._lock:
+                    self._counts["failures"] += 1
+                future.set_exception(e)
+            else:
+                future.set_result(result)
+            finally:
+                with self._lock:
+                    self._counts["busy_workers"] -= 1
+                    self._counts["requests"] += 1
+                    self._counts["items"] += batch.batch_size
+
+
+def _model_device(model: object) -> torch.device:
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            return p.device
+        for b in model.buffers():
+            return b.device
+    return torch.device("cpu")

@@ -1,0 +1,116 @@
+"""``recserve serve`` as a real process (SIGTERM drains it), and ``recserve bench server``."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from server_helpers import query, reference
+
+from recserve.models import RecModel
+from recserve.server.bench import BenchOptions, run_bench
+from recserve.server.client import GRPCClient, HTTPClient, InferError
+
+READY = re.compile(r"HTTP on (\S+):(\d+), gRPC on (\S+):(\d+)")
+ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+
+
+def start(repo: Path, *extra: str) -> tuple[subprocess.Popen[str], str, str]:
+    cmd = [sys.executable, "-m", "recserve.cli.main", "serve", "--repository", str(repo),
+           "--http-port", "0", "--grpc-port", "0", "--log-level", "WARNING", *extra]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=ENV)
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 120
+    for line in proc.stdout:
+        match = READY.search(line)
+        if match:
+            return proc, f"{match[1]}:{match[2]}", f"{match[3]}:{match[4]}"
+        assert time.monotonic() < deadline, "server did not start"
+    raise AssertionError(f"server exited with {proc.wait()}")
+
+
+def test_serve_process_answers_then_drains_on_sigterm(
+    repo: Path, models: dict[str, RecModel]
+) -> None:
+    proc, http_url, grpc_url = start(repo, "--model", "wnd", "--model", "din")
+    try:
+        model = models["din"]
+        batch = query(model.config, 8)
+        for client in (HTTPClient(http_url), GRPCClient(grpc_url)):
+            np.testing.assert_allclose(
+                client.infer("din", model.config, batch), reference(model, batch), rtol=1e-6
+            )
+            client.close()
+        answered, refused = [], []
+        stop = threading.Event()
+
+        def hammer() -> None:
+            client = HTTPClient(http_url, timeout_s=30)
+            while not stop.is_set():
+                try:
+                    answered.append(client.infer("din", model.config, batch))
+                except (OSError, InferError):
+                    refused.append(1)  # after SIGTERM: connection refused or closed, or 503
+                    return
+
+        threads = [threading.Thread(target=hammer) for _ in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        stop.set()
+        for t in threads:
+            t.join(30)
+        assert len(answered) > 0
+        for scores in answered:
+            np.testing.assert_allclose(scores, reference(model, batch), rtol=1e-6)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_serve_rejects_missing_repository(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from recserve.cli.main import main
+
+    assert main(["serve", "--repository", str(tmp_path / "no"), "--http-port", "0"]) == 2
+    assert "not a folder" in capsys.readouterr().err
+
+
+def test_bench_server_writes_summary_first(tmp_path: Path) -> None:
+    opts = BenchOptions(
+        preset="tiny", iters=5, warmup=1, concurrency=2, saturation_s=0.5, soak_s=2.0,
+        soak_warmup_s=0.5, out=tmp_path, name="bench_server_test", device="cpu",
+    )  # fmt: skip
+    path, _ = run_bench(opts)
+    assert path == tmp_path / "cpu" / "bench_server_test.json"
+    data = json.loads(path.read_text())
+    assert next(iter(data)) == "summary"
+    summary = data["summary"]
+    assert list(summary)[:6] == [
+        "http_p50_overhead_ms_wnd256", "grpc_p50_overhead_ms_wnd256",
+        "http_overhead_frac_rmc2_256", "grpc_overhead_frac_rmc2_256",
+        "server_vs_inprocess_qps_frac", "soak_memory_growth_frac",
+    ]  # fmt: skip
+    assert {"device", "date", "commit"} <= set(summary)
+    assert all(
+        math.isfinite(v) for k, v in summary.items() if k not in ("device", "date", "commit")
+    )
+    assert data["soak"]["failures"] == 0 and data["soak"]["queries"] > 0
+    assert data["shutdown"]["returncode"] == 0
+    for name in ("wnd", "dlrm-rmc2"):
+        for proto in ("http", "grpc"):
+            assert data["latency"][name][proto]["max_abs_diff_vs_inprocess"] < 1e-5
