@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 # Subcommands: module under recserve.cli, each with add_parser(subparsers) and run(args).
-_COMMANDS = ("models", "run", "demo", "tune", "serve", "plan")
+_COMMANDS = ("models", "run", "demo", "tune", "serve", "plan", "train", "import_")
 # `recserve bench <what>`: modules that add a sub-subcommand to the bench group.
 _BENCHES = ("bench_kernels", "bench_tiers", "bench_serve", "bench_server", "bench_e2e")
 
