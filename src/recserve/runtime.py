@@ -62,17 +62,25 @@ def time_queries(
     device: torch.device,
     warmup: int = 3,
     on_step: Callable[[], None] | None = None,
+    copy_inputs: bool = True,
 ) -> LatencyStats:
     """Run each host batch through ``model`` on ``device`` (copy in, forward, copy out) and
-    time it from the host's point of view. The batches are cycled through for warm-up."""
+    time it from the host's point of view. The batches are cycled through for warm-up.
+
+    ``copy_inputs=False`` hands ``model`` the host batch itself (for runners such as
+    :class:`~recserve.pipeline.GPUPipeline` that stage their own copies)."""
     if not batches:
         raise ValueError("no batches to time")
+
+    def prepare(batch: Batch) -> Batch:
+        return batch.to(device, non_blocking=True) if copy_inputs else batch
+
     for i in range(warmup):
-        model(batches[i % len(batches)].to(device)).cpu()
+        model(prepare(batches[i % len(batches)])).cpu()
     latencies = []
     for batch in batches:
         start = time.perf_counter()
-        model(batch.to(device, non_blocking=True)).cpu()
+        model(prepare(batch)).cpu()
         latencies.append((time.perf_counter() - start) * 1e3)
         if on_step is not None:
             on_step()

@@ -65,6 +65,7 @@ def test_demo_on_cpu_subset(capsys: pytest.CaptureFixture[str]) -> None:
                 "tiny",
                 "--iters",
                 "2",
+                "--no-real",
                 "--models",
                 "dlrm-rmc1",
                 "dien",
@@ -85,3 +86,31 @@ def test_console_script_entry_point() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads(proc.stdout)) == len(MODEL_NAMES)
+
+
+@pytest.mark.slow
+def test_demo_trains_serves_and_matches(
+    shared_data, tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = shared_data / "criteo_dac_head8k"
+    args = [
+        "demo",
+        "--device",
+        "cpu",
+        "--preset",
+        "tiny",
+        "--iters",
+        "2",
+        "--models",
+        "ncf",
+        "--data",
+        str(data),
+        "--repository",
+        str(tmp_path),
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "criteo-dlrm" / "model.safetensors").is_file()
+    flat = " ".join(out.split())
+    assert "391 items served" in flat
+    assert "largest difference from the in-process model 0.0e+00" in flat
