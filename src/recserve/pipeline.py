@@ -180,6 +180,14 @@ class GPUPipeline:
         return g
 
 
+def triton_model(model: RecModel) -> RecModel:
+    """The same model (shared dense layers) with its tables in the table-batched Triton
+    backend; the model's own tables can be dropped afterwards."""
+    from recserve.storage.hbm import TritonBackend
+
+    return model.with_backend(TritonBackend.from_backend(model.sparse.backend))
+
+
 def _model_device(model: torch.nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
