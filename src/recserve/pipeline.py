@@ -52,20 +52,24 @@ class _PinnedStage:
         self._done: list[torch.cuda.Event | None] = [None, None]
         self._turn = 0
 
-    def stage(self, name: str, src: torch.Tensor) -> torch.Tensor:
+    def stage(self, name: str, *parts: torch.Tensor) -> torch.Tensor:
+        """Copy ``parts`` (one dtype) back to back into pinned buffer ``name``; a 1-D view of
+        them (or the single part's shape)."""
         done = self._done[self._turn]
         if done is not None:
             done.synchronize()
             self._done[self._turn] = None
         bufs = self._buffers[self._turn]
         buf = bufs.get(name)
-        n = src.numel()
-        if buf is None or buf.numel() < n or buf.dtype != src.dtype:
-            buf = torch.empty(max(n, 1024) * 2, dtype=src.dtype, pin_memory=True)
+        n = sum(p.numel() for p in parts)
+        if buf is None or buf.numel() < n or buf.dtype != parts[0].dtype:
+            buf = torch.empty(max(n, 1024) * 2, dtype=parts[0].dtype, pin_memory=True)
             bufs[name] = buf
-        view = buf[:n].view(src.shape)
-        view.copy_(src)
-        return view
+        start = 0
+        for p in parts:
+            buf[start : start + p.numel()].copy_(p.reshape(-1))
+            start += p.numel()
+        return buf[:n].view(parts[0].shape) if len(parts) == 1 else buf[:n]
 
     def flip(self, copies_done: torch.cuda.Event) -> None:
         """Mark the current set busy until ``copies_done`` and switch to the other set."""
@@ -115,14 +119,15 @@ class GPUPipeline:
             return s, (batch.dense, ev)
         stage, stream = self._stage, self._copy_stream
         assert stream is not None
-        values = stage.stage("values", s.values)
-        offsets = stage.stage("offsets", s.offsets)
+        # ids and offsets travel in one copy (both int64), dense features in another.
+        ids = stage.stage("ids", s.values, s.offsets)
         weights = None if s.weights is None else stage.stage("weights", s.weights)
         dense = stage.stage("dense", batch.dense)
+        n = s.values.numel()
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            d_values = values.to(self.device, non_blocking=True)
-            d_offsets = offsets.to(self.device, non_blocking=True)
+            d_ids = ids.to(self.device, non_blocking=True)
+            d_values, d_offsets = d_ids[:n], d_ids[n:]
             d_weights = None if weights is None else weights.to(self.device, non_blocking=True)
             sparse_ready = torch.cuda.Event()
             sparse_ready.record(stream)
@@ -132,7 +137,7 @@ class GPUPipeline:
         stage.flip(dense_ready)
         current = torch.cuda.current_stream(self.device)
         current.wait_event(sparse_ready)
-        for t in (d_values, d_offsets, d_weights):
+        for t in (d_ids, d_weights):
             if t is not None:  # the copy stream's memory is used on this stream
                 t.record_stream(current)
         d_dense.record_stream(current)

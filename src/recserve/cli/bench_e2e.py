@@ -19,7 +19,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES))
     p.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
     p.add_argument("--preset", default="paper")
-    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--iters", type=int, default=100)
     p.add_argument("--ids", default="zipf:1.05")
     p.add_argument("--out", default="benchmarks/results", help="results folder")
     p.add_argument(

@@ -73,7 +73,9 @@ class EmbeddingCollection(nn.Module):
                 if t.pooled:
                     cols.extend(range(start, start + t.dim))
                 start += t.dim
-            self.register_buffer("_pooled_cols", torch.tensor(cols), persistent=False)
+            self.register_buffer(
+                "_pooled_cols", torch.tensor(cols, device=device), persistent=False
+            )
         self._spread_cache: dict[tuple[int, str], torch.Tensor] = {}
 
     def forward(self, features: KeyedJagged) -> SparseOutput:
@@ -91,6 +93,8 @@ class EmbeddingCollection(nn.Module):
             offsets, key_offsets = self._spread(offsets, key_offsets, b)
         pooled = self.backend.pooled(features.values, offsets, b, features.weights, key_offsets)
         if not self._all_pooled:
+            if self._pooled_cols.device != pooled.device:  # the backend lives elsewhere
+                self._pooled_cols = self._pooled_cols.to(pooled.device)
             pooled = pooled.index_select(1, self._pooled_cols)
         sequences = {
             s.name: self._sequence(features, n_pooled + i, s) for i, s in enumerate(self.sequences)
