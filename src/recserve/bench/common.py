@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -26,7 +27,10 @@ def device_slug(label: str) -> str:
 
 
 def git_commit() -> str:
-    """The commit of the working tree (``+dirty`` when it has changes), or ``unknown``."""
+    """The commit of the working tree (``+dirty`` when it has changes), ``$RECSERVE_COMMIT``
+    where the tree has no git metadata (a copy on another machine), or ``unknown``."""
+    if os.environ.get("RECSERVE_COMMIT"):
+        return os.environ["RECSERVE_COMMIT"]
     root = Path(__file__).resolve().parents[3]
     try:
         head = subprocess.run(

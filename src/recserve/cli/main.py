@@ -18,6 +18,29 @@ def _present(module: str) -> bool:
     return importlib.util.find_spec(f"recserve.cli.{module}") is not None
 
 
+def _register(sub: argparse._SubParsersAction, module: str, command: str) -> None:
+    """Add one subcommand; if an optional dependency of it is missing, add a stand-in that
+    says which, so the other subcommands keep working."""
+    try:
+        importlib.import_module(f"recserve.cli.{module}").add_parser(sub)
+    except ModuleNotFoundError as err:
+        if err.name is None or err.name.split(".")[0] == "recserve":
+            raise
+        missing = err.name
+
+        def unavailable(args: argparse.Namespace) -> int:
+            print(
+                f"recserve {command}: needs the Python package {missing!r}, which is not "
+                "installed (pip install 'recserve[server,kernels]')",
+                file=sys.stderr,
+            )
+            return 2
+
+        p = sub.add_parser(command, help=f"(unavailable: {missing} is not installed)")
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=unavailable)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="recserve",
@@ -27,13 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in _COMMANDS:
         if _present(name):
-            importlib.import_module(f"recserve.cli.{name}").add_parser(sub)
+            _register(sub, name, name.rstrip("_"))
     benches = [b for b in _BENCHES if _present(b)]
     if benches:
         bench = sub.add_parser("bench", help="benchmarks against ceilings and peers")
         bench_sub = bench.add_subparsers(dest="bench", metavar="WHAT", required=True)
         for name in benches:
-            importlib.import_module(f"recserve.cli.{name}").add_parser(bench_sub)
+            _register(bench_sub, name, name.removeprefix("bench_"))
     return parser
 
 
