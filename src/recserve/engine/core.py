@@ -150,7 +150,13 @@ class EngineCore:
             self.counters.gpu_items += sum(q.num_items for q in batch)
 
     def next_deadline(self) -> float | None:
-        """Clock time by which :meth:`step` must run again even if nothing else happens."""
+        """Clock time by which :meth:`step` must run again even if nothing else happens.
+
+        None while every GPU slot is busy: a waiting GPU batch cannot go before a slot frees,
+        and a finishing batch wakes the loop anyway (a past deadline here would spin the loop
+        and starve the runner's threads of the GIL)."""
+        if self.gpu is not None and self.gpu.free_slots() == 0:
+            return None
         return self.scheduler.next_deadline()
 
     def fail_waiting(self, error: BaseException) -> int:
