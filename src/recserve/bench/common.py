@@ -5,12 +5,15 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import re
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from recserve.kernels.tuning import device_slug
+
+__all__ = ["device_label", "device_slug", "git_commit", "write_result"]
 
 
 def device_label(device: torch.device | str | None = None) -> str:
@@ -19,11 +22,6 @@ def device_label(device: torch.device | str | None = None) -> str:
     if (dev is None or dev.type == "cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(dev)
     return "cpu"
-
-
-def device_slug(label: str) -> str:
-    """Folder name for a device: ``NVIDIA H100 80GB HBM3`` → ``nvidia-h100-80gb-hbm3``."""
-    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
 
 
 def git_commit() -> str:

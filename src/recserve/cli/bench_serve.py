@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import re
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +23,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from recserve.bench import common
+from recserve.bench.common import git_commit
 from recserve.engine import EngineConfig, RecEngine
 from recserve.engine.calibrate import calibrate
 from recserve.engine.config import SchedConfig, default_cpu_workers
@@ -95,23 +95,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def device_slug() -> str:
-    if torch.cuda.is_available():
-        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower()).strip("-")
-    return "cpu"
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], capture_output=True, text=True, timeout=5
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    commit = out.stdout.strip() or "unknown"
-    return commit + ("-dirty" if dirty.stdout.strip() else "")
+    return common.device_slug(common.device_label())
 
 
 def run(args: argparse.Namespace) -> int:

@@ -54,6 +54,15 @@ class EmbeddingBackend(nn.Module, ABC):
         """The whole table as float32 ``[rows, D]`` (for export and checks; may be large)."""
 
 
+def check_table_weight(table: TableConfig, weight: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless ``weight`` is ``[rows, D]`` for ``table``."""
+    if tuple(weight.shape) != (table.num_rows, table.dim):
+        raise ValueError(
+            f"table {table.name!r}: expected weight [{table.num_rows}, {table.dim}], "
+            f"got {list(weight.shape)}"
+        )
+
+
 def quantize_rowwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-wise int8 (as uint8) quantisation: ``row ≈ q * scale + bias``.
 
@@ -103,10 +112,7 @@ class TorchBackend(EmbeddingBackend):
     def load_table(self, table: int, weight: torch.Tensor) -> None:
         """Set a table's rows from a float ``[rows, D]`` tensor (quantising int8 tables)."""
         t = self.tables[table]
-        if tuple(weight.shape) != (t.num_rows, t.dim):
-            raise ValueError(
-                f"table {t.name!r}: expected weight [{t.num_rows}, {t.dim}], got {list(weight.shape)}"
-            )
+        check_table_weight(t, weight)
         dest = self.weights[table]
         if t.dtype == "int8":
             q, sb = quantize_rowwise(weight.to(dest.device))

@@ -24,7 +24,6 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -35,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from recserve.bench.common import git_commit
 from recserve.config import Placement, TableConfig
 from recserve.kernels.host import TierConfig
 from recserve.loadgen.ids import IdDistribution
@@ -620,14 +620,7 @@ def _case_line(name: str, case: dict[str, Any]) -> str:
 
 
 def environment(opts: TiersOptions) -> dict[str, Any]:
-    commit = opts.commit or os.environ.get("RECSERVE_COMMIT", "")
-    if not commit:
-        try:
-            commit = subprocess.run(
-                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-            ).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            commit = "unknown"
+    commit = opts.commit or git_commit()
     import triton
 
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from recserve.config import TableConfig
-from recserve.embedding.backend import EmbeddingBackend, TorchBackend
+from recserve.embedding.backend import EmbeddingBackend, TorchBackend, check_table_weight
 from recserve.kernels.layout import (
     StoredRows,
     hot_region_bytes,
@@ -161,10 +161,7 @@ class TritonBackend(EmbeddingBackend):
     def load_table(self, table: int, weight: torch.Tensor) -> None:
         """Set a table's rows from a float ``[rows, D]`` tensor (quantising int8 tables)."""
         t = self.tables[table]
-        if tuple(weight.shape) != (t.num_rows, t.dim):
-            raise ValueError(
-                f"table {t.name!r}: expected weight [{t.num_rows}, {t.dim}], got {list(weight.shape)}"
-            )
+        check_table_weight(t, weight)
         self.load_stored(table, to_stored(weight.to(self.device), t.dtype))
 
     @torch.no_grad()

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from recserve.config import TORCH_DTYPES, TableConfig, row_bytes
-from recserve.embedding.backend import quantize_rowwise
+from recserve.embedding.backend import check_table_weight, quantize_rowwise
 
 ROW_ALIGN = 128
 """Every host row starts on this boundary and its stride is a multiple of it (bytes)."""
@@ -388,10 +388,7 @@ class HostTables:
     def load_table(self, table: int, weight: torch.Tensor) -> None:
         """Set a whole table from float rows ``[rows, D]`` (any device), chunk by chunk."""
         t = self.tables[table]
-        if tuple(weight.shape) != (t.num_rows, t.dim):
-            raise ValueError(
-                f"table {t.name!r}: expected weight [{t.num_rows}, {t.dim}], got {list(weight.shape)}"
-            )
+        check_table_weight(t, weight)
         for start, stop in self.chunks(table):
             self.write_float_rows(table, start, weight[start:stop])
 

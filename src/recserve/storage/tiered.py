@@ -30,7 +30,7 @@ import torch
 import triton
 
 from recserve.config import TORCH_DTYPES, TableConfig
-from recserve.embedding.backend import EmbeddingBackend, quantize_rowwise
+from recserve.embedding.backend import EmbeddingBackend, check_table_weight, quantize_rowwise
 from recserve.kernels.host import (
     SENTINEL32,
     SENTINEL64,
@@ -287,10 +287,7 @@ class TieredBackend(EmbeddingBackend):
     def load_table(self, table: int, weight: torch.Tensor) -> None:
         """Set a table's rows from float rows ``[rows, D]``, a chunk at a time (no full copy)."""
         t = self.tables[table]
-        if tuple(weight.shape) != (t.num_rows, t.dim):
-            raise ValueError(
-                f"table {t.name!r}: expected weight [{t.num_rows}, {t.dim}], got {list(weight.shape)}"
-            )
+        check_table_weight(t, weight)
         if self.placements[table] == "hbm":
             step = max(1, (64 << 20) // (t.dim * 4))
             for s in range(0, t.num_rows, step):

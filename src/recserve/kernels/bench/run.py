@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 import triton
 
+from recserve.bench.common import git_commit
 from recserve.kernels.bench import ablation, checks, report
 from recserve.kernels.bench.cases import Case, TableSet, model_tables, uniform_tables
 from recserve.kernels.bench.ceilings import CEILING_VARIANTS, copy_bandwidth, random_row_ceilings
@@ -133,14 +133,7 @@ def ablation_picks(ts: TableSet, cases: list[Case]) -> list[tuple[Case, bool]]:
 def _environment(opts: BenchOptions) -> dict[str, Any]:
     on_gpu = opts.device == "cuda"
     props = torch.cuda.get_device_properties(0) if on_gpu else None
-    commit = opts.commit
-    if not commit:
-        try:
-            commit = subprocess.run(
-                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-            ).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            commit = "unknown"
+    commit = opts.commit or git_commit()
     return {
         "device": torch.cuda.get_device_name(0) if on_gpu else "cpu",
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
