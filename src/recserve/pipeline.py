@@ -10,13 +10,25 @@ Per batch, with no host synchronisation inside it:
    captured for the smallest size bucket that holds the batch (items past B are padding whose
    outputs are dropped; items are independent in every model, so padding changes nothing).
 
+With ``full_graph`` (the default) steps 2 and 3 are one CUDA graph per size bucket: the whole
+forward, embedding launch included, is captured over static device inputs (offsets padded to
+the bucket with empty bags, ids in a buffer of fixed capacity), so a batch costs the host a few
+copies into pinned memory, one or two asynchronous copies and one graph replay. Each bucket has
+two such graphs with their own inputs, used in turn, so the copy of the next batch overlaps the
+replay of this one. Backends whose lookups depend on host state fall back to step 2 + 3.
+
+``autocast`` (e.g. ``torch.bfloat16``) runs the dense part in that precision (mixed precision);
+the default keeps fp32 throughout, equal to the eager model to float tolerance.
+
 On a CPU device the same object runs the model eagerly, so callers need no special case.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -25,6 +37,29 @@ from recserve.models.base import RecModel
 from recserve.types import Batch, KeyedJagged
 
 DEFAULT_BUCKETS: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048, 4096)
+
+log = logging.getLogger(__name__)
+
+
+def pad_offsets(offsets: torch.Tensor, num_keys: int, batch: int, size: int) -> torch.Tensor:
+    """KeyedJagged offsets ``[F*B + 1]`` of ``batch`` items re-laid out for ``size >= batch``
+    items: items ``B..size`` of every feature get empty bags, so the same ``values`` can be
+    read as a batch of ``size`` (what a graph captured for ``size`` items expects)."""
+    if size < batch:
+        raise ValueError(f"cannot pad {batch} items down to {size}")
+    out = torch.empty(num_keys * size + 1, dtype=offsets.dtype, device=offsets.device)
+    _pad_offsets_into(out, offsets, num_keys, batch, size)
+    return out
+
+
+def _pad_offsets_into(
+    out: torch.Tensor, offsets: torch.Tensor, num_keys: int, batch: int, size: int
+) -> None:
+    grid = out[: num_keys * size].view(num_keys, size)
+    grid[:, :batch].copy_(offsets[:-1].view(num_keys, batch))
+    if size > batch:  # each feature's padding bags start (and end) where its ids end
+        grid[:, batch:].copy_(offsets[batch::batch].unsqueeze(1).expand(num_keys, size - batch))
+    out[num_keys * size] = offsets[-1]
 
 
 @dataclass
@@ -37,6 +72,24 @@ class _Graph:
     sequences: dict[str, tuple[torch.Tensor, torch.Tensor]]
     graph: torch.cuda.CUDAGraph
     out: torch.Tensor
+
+
+@dataclass
+class _FullGraph:
+    """The whole forward captured for ``size`` items: static inputs, the graph, its output.
+
+    ``sparse`` holds ``[offsets (F*size + 1) | ids (capacity)]`` so one copy fills both.
+    """
+
+    size: int
+    capacity: int
+    sparse: torch.Tensor
+    weights: torch.Tensor | None
+    dense: torch.Tensor
+    graph: torch.cuda.CUDAGraph
+    out: torch.Tensor
+    free: torch.cuda.Event = field(default_factory=torch.cuda.Event)
+    """Recorded after each replay: the inputs may be overwritten once it has passed."""
 
 
 class _PinnedStage:
@@ -71,6 +124,20 @@ class _PinnedStage:
             start += p.numel()
         return buf[:n].view(parts[0].shape) if len(parts) == 1 else buf[:n]
 
+    def buffer(self, name: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """A pinned buffer of ``n`` elements of ``dtype`` in the current set (filled by the
+        caller)."""
+        done = self._done[self._turn]
+        if done is not None:
+            done.synchronize()
+            self._done[self._turn] = None
+        bufs = self._buffers[self._turn]
+        buf = bufs.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            buf = torch.zeros(max(n, 1024) * 2, dtype=dtype, pin_memory=True)
+            bufs[name] = buf
+        return buf[:n]
+
     def flip(self, copies_done: torch.cuda.Event) -> None:
         """Mark the current set busy until ``copies_done`` and switch to the other set."""
         self._done[self._turn] = copies_done
@@ -81,7 +148,8 @@ class GPUPipeline:
     """Runs a :class:`RecModel` on CUDA with async input copies and CUDA-graphed dense parts.
 
     ``buckets`` are the batch sizes graphs are captured for (lazily, on first use); a batch
-    larger than the largest bucket runs its dense part eagerly.
+    larger than the largest bucket runs eagerly (embedding launch, then the dense part).
+    ``full_graph`` captures the embedding stage in the graph too (see the module's doc).
     """
 
     def __init__(
@@ -89,13 +157,24 @@ class GPUPipeline:
         model: RecModel,
         buckets: Sequence[int] = DEFAULT_BUCKETS,
         use_graphs: bool = True,
+        full_graph: bool = True,
+        autocast: torch.dtype | None = None,
     ) -> None:
         self.model = model.eval()
         self.device = _model_device(model)
         self.on_cuda = self.device.type == "cuda"
         self.use_graphs = use_graphs and self.on_cuda
+        self.full_graph = (
+            full_graph and self.use_graphs and getattr(model.sparse.backend, "graph_safe", False)
+        )
+        self.autocast = autocast
         self.buckets = tuple(sorted(buckets))
+        self.keys = model.sparse.keys
         self._graphs: dict[int, _Graph] = {}
+        self._full: dict[int, list[_FullGraph]] = {}
+        self._turns: dict[int, int] = {}
+        self.inputs_read: torch.cuda.Event | None = None
+        """After a call: recorded once the copies from the caller's pinned tensors are done."""
         self._stage = _PinnedStage()
         self._copy_stream = torch.cuda.Stream(self.device) if self.on_cuda else None
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
@@ -103,12 +182,143 @@ class GPUPipeline:
     @torch.inference_mode()
     def __call__(self, batch: Batch) -> torch.Tensor:
         """Probabilities ``[B, num_tasks]`` on the model's device (not synchronised)."""
+        self.inputs_read = None
         if not self.on_cuda:
-            return self.model(batch)
+            with self._precision():
+                return self.model(batch).float()
+        b = batch.sparse.batch_size
+        size = next((x for x in self.buckets if x >= b), None)
+        if self.full_graph and size is not None and batch.sparse.values.device.type == "cpu":
+            try:
+                return self._run_full(batch, size)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except RuntimeError as e:  # a backend that cannot be captured: graph the dense part
+                log.warning("whole-forward capture failed (%s); graphing the dense part only", e)
+                self.full_graph = False
+                torch.cuda.synchronize(self.device)
         sparse, dense = self._copy_in(batch)
-        emb = self.model.sparse(sparse)
-        torch.cuda.current_stream(self.device).wait_event(dense[1])
-        return self._dense(dense[0], emb)
+        with self._precision():
+            emb = self.model.sparse(sparse)
+            torch.cuda.current_stream(self.device).wait_event(dense[1])
+            return self._dense(dense[0], emb).float()
+
+    def _precision(self) -> contextlib.AbstractContextManager[object]:
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
+
+    # ------------------------------------------------------------------ whole-forward graphs
+
+    def _run_full(self, batch: Batch, size: int) -> torch.Tensor:
+        s = batch.sparse
+        if s.keys != self.keys:
+            s = s.select(self.keys)
+        b, f, n = s.batch_size, len(self.keys), s.values.numel()
+        head = f * size + 1
+        pair = self._full.get(size)
+        if pair is None or pair[0].capacity < n or (s.weights is None) != (pair[0].weights is None):
+            pair = self._capture_full(batch, s, size, n)
+        turn = self._turns.get(size, 0)
+        self._turns[size] = turn ^ 1
+        g = pair[turn]
+        stage, stream = self._stage, self._copy_stream
+        assert stream is not None
+        # Inputs already in pinned memory (e.g. a runner's coalescing buffers) are copied from
+        # where they are; the rest is staged. ``inputs_read`` tells the caller when its pinned
+        # tensors may be reused.
+        direct = s.values.is_pinned()
+        host = stage.buffer("sparse", head + (0 if direct else n), torch.int64)
+        _pad_offsets_into(host[:head], s.offsets, f, b, size)
+        if not direct:
+            host[head:].copy_(s.values)
+        weights = s.weights
+        if weights is not None and not weights.is_pinned():
+            weights = stage.stage("weights", weights)
+        dense = batch.dense if batch.dense.is_pinned() else stage.stage("dense", batch.dense)
+        current = torch.cuda.current_stream(self.device)
+        stream.wait_event(g.free)  # this graph's inputs are no longer read by its last replay
+        with torch.cuda.stream(stream):
+            if direct:
+                g.sparse[:head].copy_(host, non_blocking=True)
+                g.sparse[head : head + n].copy_(s.values, non_blocking=True)
+            else:
+                g.sparse[: head + n].copy_(host, non_blocking=True)
+            if weights is not None:
+                assert g.weights is not None
+                g.weights[:n].copy_(weights, non_blocking=True)
+            g.dense[:b].copy_(dense, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(stream)
+        self.inputs_read = ready
+        stage.flip(ready)
+        current.wait_event(ready)
+        g.graph.replay()
+        # A copy: the graph's output is overwritten by its next replay.
+        out = g.out[:b].to(torch.float32, copy=True)
+        g.free.record(current)
+        return out
+
+    def prepare(self, make_batch: Callable[[int], Batch], ids_per_item: int = 0) -> None:
+        """Capture every bucket now (not on its first batch), with room for ``ids_per_item``
+        ids per item; ``make_batch(size)`` gives a valid batch of ``size`` items."""
+        if not self.full_graph:
+            return
+        with torch.inference_mode():
+            for size in self.buckets:
+                batch = make_batch(size)
+                s = (
+                    batch.sparse
+                    if batch.sparse.keys == self.keys
+                    else batch.sparse.select(self.keys)
+                )
+                n = max(s.values.numel(), size * ids_per_item)
+                self._capture_full(batch, s, size, n)
+
+    def _capture_full(self, batch: Batch, s: KeyedJagged, size: int, n: int) -> list[_FullGraph]:
+        """Two graphs of the whole forward for ``size`` items and at least ``n`` ids."""
+        old = self._full.get(size)
+        capacity = max(1024, 1 << max(n - 1, 1).bit_length(), old[0].capacity if old else 0)
+        n = s.values.numel()
+        torch.cuda.synchronize(self.device)
+        f, b = len(self.keys), s.batch_size
+        head = f * size + 1
+        key_offsets = s.key_offsets() if s.offsets.device.type == "cpu" else s.offset_per_key
+        pair = []
+        for _ in range(2):
+            sparse = torch.zeros(head + capacity, dtype=torch.int64, device=self.device)
+            sparse[:head].copy_(pad_offsets(s.offsets, f, b, size))
+            sparse[head : head + n].copy_(s.values)
+            weights = None
+            if s.weights is not None:
+                weights = torch.zeros(capacity, dtype=s.weights.dtype, device=self.device)
+                weights[:n].copy_(s.weights)
+            dense = torch.zeros(size, *batch.dense.shape[1:], device=self.device)
+            dense[:b].copy_(batch.dense)
+            static = Batch(
+                dense,
+                KeyedJagged(self.keys, sparse[head:], sparse[:head], size, weights, key_offsets),
+            )
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side), self._precision():  # lazy inits outside the capture
+                for _ in range(2):
+                    self.model(static)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool), self._precision():
+                out = self.model(static)
+            pair.append(_FullGraph(size, capacity, sparse, weights, dense, graph, out))
+        torch.cuda.synchronize(self.device)
+        self._full[size] = pair
+        self._turns[size] = 0
+        return pair
+
+    def graph_sizes(self) -> dict[str, list[int]]:
+        """Bucket sizes with captured graphs (whole forward / dense part only)."""
+        return {"full": sorted(self._full), "dense": sorted(self._graphs)}
+
+    # ------------------------------------------------------------------ dense-part graphs
 
     def _copy_in(self, batch: Batch) -> tuple[KeyedJagged, tuple[torch.Tensor, torch.cuda.Event]]:
         s = batch.sparse
@@ -185,12 +395,35 @@ class GPUPipeline:
         return g
 
 
-def triton_model(model: RecModel) -> RecModel:
+def triton_model(model: RecModel, row_dtype: str | None = None) -> RecModel:
     """The same model (shared dense layers) with its tables in the table-batched Triton
-    backend; the model's own tables can be dropped afterwards."""
+    backend; the model's own tables can be dropped afterwards. ``row_dtype`` (``fp16``,
+    ``bf16``, ``int8``) stores every fp32 table in that type instead (mixed precision)."""
     from recserve.storage.hbm import TritonBackend
 
-    return model.with_backend(TritonBackend.from_backend(model.sparse.backend))
+    backend = model.sparse.backend
+    if row_dtype is None:
+        return model.with_backend(TritonBackend.from_backend(backend))
+    tables = tuple(replace(t, dtype=row_dtype) if t.dtype == "fp32" else t for t in backend.tables)
+    weights = [backend.dense_weight(i) for i in range(len(tables))]
+    device = weights[0].device
+    return model.with_backend(TritonBackend.from_weights(tables, weights, device))
+
+
+def device_model(model: RecModel, device: torch.device | str) -> RecModel:
+    """A copy of ``model`` on ``device`` with its tables in the Triton backend, built from the
+    rows where they are (no second copy of the tables on the device); ``model`` is unchanged."""
+    import copy
+
+    from recserve.storage.hbm import TritonBackend
+
+    device = torch.device(device)
+    backend = TritonBackend.from_backend(model.sparse.backend, device=device)
+    fast = model.with_backend(backend)
+    for name, module in list(fast.named_children()):
+        if name != "sparse":
+            fast._modules[name] = copy.deepcopy(module).to(device)
+    return fast
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:

@@ -51,7 +51,9 @@ from recserve.loadgen.driver import QueryPool
 from recserve.loadgen.metrics import LatencyTarget, RunResult
 from recserve.loadgen.sizes import QuerySizes
 from recserve.loadgen.synthetic import QueryFactory
+from recserve.models.base import RecModel
 from recserve.models.registry import MODEL_NAMES, PRESETS, build_model
+from recserve.pipeline import GPUPipeline, device_model
 from recserve.types import Batch
 
 TARGETS_MS: dict[str, tuple[float, float, float]] = {
@@ -158,18 +160,38 @@ REDUCED = [
 
 
 def tight_loop_qps(
-    model: torch.nn.Module, batches: list[Batch], device: torch.device, seconds: float
+    model: Callable[[Batch], torch.Tensor],
+    batches: list[Batch],
+    device: torch.device,
+    seconds: float,
+    move: bool = True,
 ) -> float:
     """Queries per second of ``model`` called back to back on the pool's batches (copy in,
-    forward, copy out), the baseline for the engine's overhead."""
+    forward, copy out), the baseline for the engine's overhead. ``move=False`` hands the host
+    batches to ``model`` as they are (a pipeline that copies its own inputs)."""
+
+    def call(b: Batch) -> torch.Tensor:
+        return model(b.to(device, non_blocking=True) if move else b).cpu()
+
     with torch.inference_mode():
         for b in batches[:4]:
-            model(b.to(device)).cpu()
+            call(b)
         began, n = time.perf_counter(), 0
         while time.perf_counter() - began < seconds:
-            model(batches[n % len(batches)].to(device, non_blocking=True)).cpu()
+            call(batches[n % len(batches)])
             n += 1
     return n / (time.perf_counter() - began)
+
+
+def runner_baseline(model: RecModel, engine: RecEngine) -> Callable[[Batch], torch.Tensor]:
+    """What the engine's GPU runner calls, outside the engine: the same device model and
+    pipeline buckets (a separate copy, so the engine's own stays untouched)."""
+    runner = engine.gpu_runner
+    assert runner is not None and engine.device is not None
+    if runner.pipeline is None:
+        return runner.model
+    pipe = GPUPipeline(device_model(model, engine.device), buckets=runner.pipeline.buckets)
+    return pipe
 
 
 def bench_model(
@@ -204,8 +226,15 @@ def bench_model(
         if has_gpu:
             device = engine.device
             assert device is not None
+            baseline = runner_baseline(model, engine)
             rec["runner_overhead"] = overhead(
-                lambda: tight_loop_qps(model, pool.batches, device, 0.4),
+                lambda: tight_loop_qps(
+                    baseline,
+                    pool.batches,
+                    device,
+                    0.4,
+                    move=not isinstance(baseline, GPUPipeline),
+                ),
                 lambda: saturation_qps(
                     engine, pool, STATIC_GPU["gpu-only"], seconds=0.4, outstanding=4
                 ),

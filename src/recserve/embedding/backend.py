@@ -23,6 +23,11 @@ from recserve.config import TORCH_DTYPES, TableConfig
 class EmbeddingBackend(nn.Module, ABC):
     """Rows of several tables, and the lookups a model needs from them."""
 
+    graph_safe: bool = False
+    """Lookups read ``key_offsets`` at most as a hint (never for correctness) and keep no
+    host-side state per batch, so a CUDA graph that captured them stays right for other
+    batches of the same size (the pipeline then captures the whole forward)."""
+
     def __init__(self, tables: tuple[TableConfig, ...]) -> None:
         super().__init__()
         self.tables = tuple(tables)

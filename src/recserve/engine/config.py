@@ -82,6 +82,10 @@ class EngineConfig:
     its sequence lengths."""
     gpu_max_inflight: int = 2
     """GPU batches in flight at once: 2 lets one batch's copies overlap another's compute."""
+    gpu_kernels: str = "triton"
+    """The GPU runner's model: ``triton`` (tables in the table-batched Triton backend, the
+    whole forward replayed as a CUDA graph per batch-size bucket) or ``torch`` (the model as
+    given, launched op by op)."""
     worker_threads: int = 1
     """Intra-op threads per CPU worker (DeepRecSys: one)."""
     shared_dir: str | None = None
@@ -97,3 +101,5 @@ class EngineConfig:
             "cuda:"
         ):
             raise ValueError(f"device must be auto, cuda[:N], cpu or none, got {self.device!r}")
+        if self.gpu_kernels not in ("triton", "torch"):
+            raise ValueError(f"gpu_kernels must be triton or torch, got {self.gpu_kernels!r}")

@@ -9,6 +9,7 @@ runner has its own threads. The loop body is the core's ``step``; this file is t
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import os
@@ -35,6 +36,9 @@ from recserve.engine.shared import (
     pick_shared_dir,
     save_shared_model,
 )
+from recserve.loadgen.synthetic import QueryFactory
+from recserve.models.base import RecModel
+from recserve.pipeline import GPUPipeline, device_model
 from recserve.types import Batch
 
 log = logging.getLogger(__name__)
@@ -109,7 +113,7 @@ class RecEngine:
             if config.cpu_workers:
                 self._pool = self._start_pool(model, config, ids_per_item)
             if self.device is not None:
-                runner_model = model.to(self.device) if self.device.type == "cuda" else model
+                runner_model, pipeline = self._runner_model(model, config, ids_per_item)
                 self._gpu = GpuRunner(
                     runner_model.eval(),
                     self.keys,
@@ -120,6 +124,7 @@ class RecEngine:
                     self.device,
                     config.gpu_max_inflight,
                     self._waker.wake,
+                    pipeline,
                 )
         except BaseException:
             self._shutdown_executors()
@@ -135,6 +140,25 @@ class RecEngine:
         self._idle = threading.Condition()
         self._thread = threading.Thread(target=self._loop, name="recserve-engine", daemon=True)
         self._thread.start()
+
+    def _runner_model(
+        self, model: nn.Module, config: EngineConfig, ids_per_item: int
+    ) -> tuple[nn.Module, GPUPipeline | None]:
+        """The GPU runner's model, and the pipeline that runs it (graphs captured up front)."""
+        assert self.device is not None
+        if self.device.type != "cuda":
+            return model, None
+        if config.gpu_kernels == "torch" or not isinstance(model, RecModel):
+            return copy.deepcopy(model).to(self.device), None  # the caller's model stays put
+        fast = device_model(model, self.device)
+        top = max(config.max_query_items, config.sched.gpu_max_batch)
+        buckets = [16]
+        while buckets[-1] < top:
+            buckets.append(buckets[-1] * 2)
+        pipeline = GPUPipeline(fast, buckets=buckets)
+        factory = QueryFactory(self.config, "uniform", seed=0)
+        pipeline.prepare(factory.make, ids_per_item)
+        return fast, pipeline
 
     def _start_pool(
         self, model: nn.Module, config: EngineConfig, ids_per_item: int
@@ -209,6 +233,10 @@ class RecEngine:
         self._waker.wake()
         if not self._sched_applied.wait(timeout=10.0):
             raise RuntimeError("the engine loop did not take the new schedule")
+
+    @property
+    def gpu_runner(self) -> GpuRunner | None:
+        return self._gpu
 
     @property
     def cpu_pool(self) -> CpuWorkerPool | None:

@@ -6,6 +6,10 @@ for that copy; a completion thread waits for each batch's output copy and hands 
 the engine. With ``max_inflight`` buffer sets, batch i+1 is staged and copied while batch i
 computes. On a machine without a GPU (``device="cpu"``), the launcher runs the model itself:
 the same engine and scheduler run there, for tests and CPU-only hosts.
+
+Given a :class:`~recserve.pipeline.GPUPipeline`, the launcher hands it each coalesced batch
+(still in the pinned buffers, which the pipeline copies from in place): the whole forward then
+replays as one CUDA graph per batch-size bucket instead of being launched op by op.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from torch import nn
 
 from recserve.engine.batching import HostBuffers, concat_batches
 from recserve.engine.request import Completion, Query
+from recserve.pipeline import GPUPipeline
 from recserve.types import Batch, KeyedJagged
 
 
@@ -49,8 +54,10 @@ class GpuRunner:
         device: torch.device,
         max_inflight: int = 2,
         on_done: Callable[[], None] | None = None,
+        pipeline: GPUPipeline | None = None,
     ) -> None:
         self.model = model
+        self.pipeline = pipeline if device.type == "cuda" else None
         self.keys = keys
         self.device = device
         self.max_items = max_items
@@ -137,6 +144,9 @@ class GpuRunner:
         )
         if host.sparse.weights is not None:
             raise ValueError("the GPU runner does not take per-sample weights")
+        if self.pipeline is not None:
+            self._launch_pipeline(queries, slot, host)
+            return
         b, n = host.batch_size, host.sparse.values.numel()
         f = len(self.keys)
         with torch.cuda.stream(self._copy_stream):
@@ -154,6 +164,17 @@ class GpuRunner:
         with torch.cuda.stream(self._compute_stream):
             self._compute_stream.wait_event(slot.copied)
             out = self.model(Batch(dev.dense[:b], sparse))
+            slot.out[:b].copy_(out, non_blocking=True)
+            slot.computed = torch.cuda.Event()
+            slot.computed.record(self._compute_stream)
+        self._pending.put((queries, slot, b))
+
+    def _launch_pipeline(self, queries: list[Query], slot: _Slot, host: Batch) -> None:
+        assert self.pipeline is not None
+        b = host.batch_size
+        with torch.cuda.stream(self._compute_stream):
+            out = self.pipeline(host)
+            slot.copied = self.pipeline.inputs_read  # None: staged, the buffers are free now
             slot.out[:b].copy_(out, non_blocking=True)
             slot.computed = torch.cuda.Event()
             slot.computed.record(self._compute_stream)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from abc import abstractmethod
 
 import torch
@@ -43,8 +44,11 @@ class RecModel(nn.Module):
 
     def with_backend(self, backend: EmbeddingBackend) -> RecModel:
         """A model that shares this one's dense layers and reads its rows from ``backend``
-        (which must hold the same tables, e.g. ``TritonBackend.from_backend(...)``)."""
-        if backend.tables != self.config.tables:
+        (which must hold the same tables, e.g. ``TritonBackend.from_backend(...)``; the rows'
+        storage dtype may differ, e.g. fp16 rows for an fp32 model)."""
+        mine = [dataclasses.replace(t, dtype="fp32") for t in self.config.tables]
+        theirs = [dataclasses.replace(t, dtype="fp32") for t in backend.tables]
+        if mine != theirs:
             raise ValueError("the backend must hold exactly this model's tables")
         clone = copy.copy(self)
         clone._modules = dict(self._modules)

@@ -86,6 +86,8 @@ class TritonBackend(EmbeddingBackend):
     (default: those shipped for this device); ``init`` fills rows with DLRM's initialisation.
     """
 
+    graph_safe = True  # key_offsets only pick the tuned config
+
     def __init__(
         self,
         tables: tuple[TableConfig, ...],
