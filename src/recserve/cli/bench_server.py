@@ -51,6 +51,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("--soak-s", type=float, default=None, help=f"soak length (default {d.soak_s:g})")
     p.add_argument(
+        "--soak-warmup-s",
+        type=float,
+        default=None,
+        help=f"soak warm-up before the reference memory reading (default {d.soak_warmup_s:g})",
+    )
+    p.add_argument(
         "--soak-load",
         type=float,
         default=d.soak_load,
@@ -71,7 +77,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
     fields: dict[str, Any] = dict(QUICK) if args.quick else {}
-    for key in ("preset", "iters", "concurrency", "saturation_s", "soak_s"):
+    for key in ("preset", "iters", "concurrency", "saturation_s", "soak_s", "soak_warmup_s"):
         value = getattr(args, key)
         if value is not None:
             fields[key] = value

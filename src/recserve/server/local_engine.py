@@ -2,7 +2,10 @@
 threads that call ``model(batch)``.
 
 It stands in for the real engine (scheduler, CPU workers, GPU runner) where that is not wired
-in, and is the in-process baseline the server benchmark compares against.
+in, and is the in-process baseline the server benchmark compares against. On a CUDA device each
+worker thread runs a recommendation model through its own
+:class:`~recserve.pipeline.GPUPipeline` (tables in the Triton backend, the forward replayed as
+CUDA graphs); ``pipeline=False`` calls the model as given.
 """
 
 from __future__ import annotations
@@ -16,7 +19,10 @@ from typing import Any
 import torch
 
 from recserve.config import ModelConfig
+from recserve.embedding import TorchBackend
 from recserve.engine.interface import EngineClosed, Overloaded
+from recserve.models.base import RecModel
+from recserve.pipeline import GPUPipeline, device_model
 from recserve.types import Batch
 
 _STOP = None
@@ -35,6 +41,7 @@ class LocalEngine:
         max_queue: int = 64,
         device: torch.device | str | None = None,
         intra_op_threads: int | None = None,
+        pipeline: bool = True,
     ) -> None:
         found = config if config is not None else getattr(model, "config", None)
         if not isinstance(found, ModelConfig):
@@ -42,6 +49,16 @@ class LocalEngine:
         self.config = found
         self.model = model
         self.device = torch.device(device) if device is not None else _model_device(model)
+        self._fast: RecModel | None = None
+        if pipeline and self.device.type == "cuda" and isinstance(model, RecModel):
+            backend = model.sparse.backend
+            if backend.graph_safe:
+                self._fast = model
+            elif isinstance(backend, TorchBackend):  # the same rows in the Triton backend
+                self._fast = device_model(model, self.device)
+            else:  # host or tiered tables: the dense part is still graphed
+                self._fast = model
+        self._local = threading.local()
         self._queue: queue.Queue[tuple[Batch, Future[torch.Tensor]] | None] = queue.Queue(max_queue)
         # torch.set_num_threads is per thread (OpenMP): each worker sets its own, by default the
         # creating thread's count.
@@ -108,7 +125,11 @@ class LocalEngine:
                 self._counts["busy_workers"] += 1
             try:
                 with torch.inference_mode():
-                    scores = self.model(batch.to(self.device, non_blocking=True))
+                    pipe = self._pipeline()
+                    if pipe is not None:  # copies its own inputs from the host
+                        scores = pipe(batch)
+                    else:
+                        scores = self.model(batch.to(self.device, non_blocking=True))
                     result = scores.float().cpu()
             except Exception as e:
                 with self._lock:
@@ -121,6 +142,15 @@ class LocalEngine:
                     self._counts["busy_workers"] -= 1
                     self._counts["requests"] += 1
                     self._counts["items"] += batch.batch_size
+
+    def _pipeline(self) -> GPUPipeline | None:
+        """This worker thread's pipeline (graphs are per thread: a pipeline is not shared)."""
+        if self._fast is None:
+            return None
+        pipe = getattr(self._local, "pipe", None)
+        if pipe is None:
+            pipe = self._local.pipe = GPUPipeline(self._fast)
+        return pipe
 
 
 def _model_device(model: object) -> torch.device:
