@@ -150,3 +150,23 @@ def test_weights_are_shared_by_the_workers(engine) -> None:
 def test_oversized_requests_are_refused(engine, model) -> None:
     with pytest.raises(ValueError, match="must be 1 to 1024"):
         engine.submit(QueryFactory(model.config, seed=1).make(1025))
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_queue_depth_per_worker(model, depth: int) -> None:
+    """Each worker holds up to ``depth`` sub-batches; a burst larger than that is still answered
+    in full and in order, and the pool's free capacity comes back when it drains."""
+    config = EngineConfig(
+        SchedConfig(sub_batch_size=4), cpu_workers=2, device="none", cpu_queue_depth=depth
+    )
+    factory = QueryFactory(model.config, "uniform", seed=12)
+    batches = [factory.make(n) for n in (9, 1, 30, 4, 17, 2, 25)]
+    with RecEngine(model, config) as eng:
+        pool = eng.cpu_pool
+        assert pool is not None and pool.idle_workers() == 2 * depth
+        futures = [eng.submit(b) for b in batches]
+        for fut, ref in zip(futures, reference(model, batches), strict=True):
+            torch.testing.assert_close(fut.result(timeout=30), ref, rtol=1e-5, atol=1e-6)
+        assert eng.stats()["in_system"] == 0
+    with pytest.raises(ValueError, match="cpu_queue_depth"):
+        EngineConfig(cpu_queue_depth=0)

@@ -86,6 +86,9 @@ class EngineConfig:
     """The GPU runner's model: ``triton`` (tables in the table-batched Triton backend, the
     whole forward replayed as a CUDA graph per batch-size bucket) or ``torch`` (the model as
     given, launched op by op)."""
+    cpu_queue_depth: int = 2
+    """Sub-batches a CPU worker holds at once (one running, the rest queued in its pipe): 2
+    lets a worker start its next sub-batch without a round trip through the engine loop."""
     worker_threads: int = 1
     """Intra-op threads per CPU worker (DeepRecSys: one)."""
     shared_dir: str | None = None
@@ -95,6 +98,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.cpu_workers < 0:
             raise ValueError(f"cpu_workers must be >= 0, got {self.cpu_workers}")
+        if self.cpu_queue_depth < 1:
+            raise ValueError(f"cpu_queue_depth must be >= 1, got {self.cpu_queue_depth}")
         if self.queue_capacity < 1:
             raise ValueError(f"queue_capacity must be >= 1, got {self.queue_capacity}")
         if self.device not in ("auto", "cuda", "cpu", "none") and not self.device.startswith(

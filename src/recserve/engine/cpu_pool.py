@@ -4,6 +4,10 @@ The parent stages a query once into a shared slot; each worker gets a small mess
 slot and its items ``[start, stop)``, slices the query itself, runs the model and writes its
 rows of the answer into the slot's shared output. So the GIL is never the limit, no tensor is
 pickled, and the parent's per-sub-batch work is one short message each way.
+
+Each worker may hold ``depth`` sub-batches (one running, the rest waiting in its pipe), so a
+busy worker starts its next sub-batch the moment it finishes one, without a round trip through
+the engine's loop; new work goes to the least-loaded worker, so idle workers are used first.
 """
 
 from __future__ import annotations
@@ -48,11 +52,15 @@ class CpuWorkerPool:
         arena: StagingArena,
         threads: int = 1,
         start_timeout: float = 300.0,
+        depth: int = 2,
     ) -> None:
         if workers < 1:
             raise ValueError("a CPU worker pool needs at least one worker")
-        if arena.spec.slots < workers + 1:
-            raise ValueError("the staging arena needs a slot per worker plus one")
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        if arena.spec.slots < depth * workers + 1:
+            raise ValueError("the staging arena needs a slot per queued sub-batch plus one")
+        self.depth = depth
         self.keys = config.feature_keys
         self.arena = arena
         ctx = mp.get_context("spawn")
@@ -71,8 +79,8 @@ class CpuWorkerPool:
             self._procs.append(proc)
             self._conns.append(parent)
         self.pids = self._wait_ready(start_timeout)
-        self._idle: deque[int] = deque(range(workers))
-        self._busy: dict[int, SubBatch] = {}
+        self._queued: list[deque[SubBatch]] = [deque() for _ in range(workers)]
+        """Per worker: its sub-batches in the order it runs them (the first is running)."""
         self._dead: set[int] = set()
         self._free_slots: list[int] = list(range(arena.spec.slots))
         self._slot_of: dict[int, tuple[int, int]] = {}
@@ -103,7 +111,12 @@ class CpuWorkerPool:
         return len(self._procs) - len(self._dead)
 
     def idle_workers(self) -> int:
-        return len(self._idle)
+        """Sub-batches the pool takes now: free queue places over the live workers."""
+        return sum(self.depth - len(q) for i, q in enumerate(self._queued) if i not in self._dead)
+
+    def _least_loaded(self) -> int:
+        live = [i for i in range(len(self._queued)) if i not in self._dead]
+        return min(live, key=lambda i: len(self._queued[i]))
 
     def dispatch(self, work: list[SubBatch]) -> None:
         for sub in work:
@@ -112,8 +125,8 @@ class CpuWorkerPool:
             except ValueError as err:
                 self._errors.append(Completion(sub.query, sub.start, sub.stop, error=err))
                 continue
-            worker = self._idle.popleft()
-            self._busy[worker] = sub
+            worker = self._least_loaded()
+            self._queued[worker].append(sub)
             self._outstanding[slot] += 1
             b = sub.query.num_items
             self._conns[worker].send((slot, b, num_values, sub.start, sub.stop))
@@ -147,21 +160,22 @@ class CpuWorkerPool:
 
     def poll(self) -> list[Completion]:
         out, self._errors = self._errors, []
-        for worker, sub in list(self._busy.items()):
+        for worker, queued in enumerate(self._queued):
             conn = self._conns[worker]
-            try:
-                if not conn.poll():
-                    continue
-                reply = conn.recv()
-            except (EOFError, OSError):
-                reply = WorkerDied(
-                    f"CPU worker {worker} exited (code {self._procs[worker].exitcode})"
-                )
-                self._dead.add(worker)
-            del self._busy[worker]
-            if worker not in self._dead:
-                self._idle.append(worker)
-            out.append(self._finish_part(sub, reply))
+            while queued:
+                try:
+                    if not conn.poll():
+                        break
+                    reply = conn.recv()
+                except (EOFError, OSError):
+                    self._dead.add(worker)
+                    died = WorkerDied(
+                        f"CPU worker {worker} exited (code {self._procs[worker].exitcode})"
+                    )
+                    while queued:  # everything it held fails; nothing is lost silently
+                        out.append(self._finish_part(queued.popleft(), died))
+                    break
+                out.append(self._finish_part(queued.popleft(), reply))
         return out
 
     def _finish_part(self, sub: SubBatch, reply: Any) -> Completion:
@@ -181,7 +195,7 @@ class CpuWorkerPool:
 
     def waitables(self) -> list[Any]:
         """What the loop thread waits on: replies of busy workers and every process's exit."""
-        return [self._conns[w] for w in self._busy] + [
+        return [self._conns[w] for w, q in enumerate(self._queued) if q] + [
             p.sentinel for i, p in enumerate(self._procs) if i not in self._dead
         ]
 
@@ -192,7 +206,7 @@ class CpuWorkerPool:
     def touch_weights(self, timeout: float = 600.0) -> None:
         """Make every worker read all of its weights once (so every page is resident in every
         worker: the worst case for memory). Call only while the pool is idle."""
-        if self._busy:
+        if any(self._queued):
             raise RuntimeError("touch_weights needs an idle pool")
         live = [i for i in range(len(self._procs)) if i not in self._dead]
         for i in live:

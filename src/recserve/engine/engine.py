@@ -166,14 +166,22 @@ class RecEngine:
         """Share the weights and the staging slots through files, start the workers, then
         unlink the files (the mappings stay): nothing is left behind if a process dies."""
         spec = ArenaSpec.for_model(
-            self.config, config.cpu_workers + 2, config.max_query_items, ids_per_item
+            self.config,
+            config.cpu_queue_depth * config.cpu_workers + 2,
+            config.max_query_items,
+            ids_per_item,
         )
         folder = pick_shared_dir(model_nbytes(model) + spec.nbytes, config.shared_dir)
         staging = StagingArena(dataclasses.replace(spec, folder=str(folder)))
         path = save_shared_model(model, folder)
         try:
             return CpuWorkerPool(
-                path, self.config, config.cpu_workers, staging, config.worker_threads
+                path,
+                self.config,
+                config.cpu_workers,
+                staging,
+                config.worker_threads,
+                depth=config.cpu_queue_depth,
             )
         finally:
             path.unlink(missing_ok=True)
