@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
+import time
 from concurrent.futures import Future
 
 import pytest
@@ -170,3 +173,23 @@ def test_queue_depth_per_worker(model, depth: int) -> None:
         assert eng.stats()["in_system"] == 0
     with pytest.raises(ValueError, match="cpu_queue_depth"):
         EngineConfig(cpu_queue_depth=0)
+
+
+def test_a_dead_worker_fails_what_it_held_and_the_rest_is_served(model) -> None:
+    slow = Slow(model, delay=0.3)
+    config = EngineConfig(
+        SchedConfig(sub_batch_size=None), cpu_workers=2, device="none", cpu_queue_depth=2
+    )
+    factory = QueryFactory(model.config, seed=15)
+    with RecEngine(slow, config) as eng:
+        pool = eng.cpu_pool
+        assert pool is not None
+        futures = [eng.submit(factory.make(3)) for _ in range(4)]  # two per worker
+        time.sleep(0.1)
+        os.kill(pool.pids[0], signal.SIGKILL)
+        outcomes = []
+        for fut in futures:
+            err = fut.exception(timeout=30)
+            outcomes.append(type(err).__name__ if err is not None else "ok")
+        assert outcomes.count("ok") == 2 and outcomes.count("WorkerDied") == 2
+        assert eng.submit(factory.make(2)).result(timeout=30).shape == (2, 1)  # still serving
