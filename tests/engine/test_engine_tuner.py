@@ -50,6 +50,24 @@ def test_load_search_gives_up_when_lower_load_does_not_help() -> None:
     assert found.qps == 0.0 and len(found.probes) == 2
 
 
+def test_small_steps_down_do_not_count_as_load_not_mattering() -> None:
+    """Past saturation every load queues alike (the runs abort); the search must keep going
+    down (in ``shrink`` steps) instead of giving up, and find a limit far below an optimistic
+    start."""
+
+    def measure(config: SchedConfig, qps: float) -> RunResult:
+        over = qps > 300.0  # overloaded: the queue grows until the run gives up
+        lat = np.full(100, 0.040 if over else 0.001)
+        return RunResult(qps, 100, lat, duration=1.0, aborted=over)
+
+    found = LoadSearch(growth=1.15, shrink=1.6, max_probes=10).run(
+        measure, SchedConfig(), TARGET, 1000.0
+    )
+    assert 300.0 / 1.05 <= found.qps <= 300.0
+    offered = [p.result.offered_qps for p in found.probes]
+    assert offered[1] == pytest.approx(1000.0 / 1.6)
+
+
 def analytic_measure(best_b: int):
     """p95 = a queueing-like curve whose capacity peaks at b = ``best_b`` (log-parabola)."""
 

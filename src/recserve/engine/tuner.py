@@ -100,10 +100,11 @@ class TuneResult:
 class LoadSearch:
     """The highest offered QPS at which a configuration meets the target.
 
-    From a starting load, multiply by ``growth`` while the target is met (or divide while it is
-    missed) to bracket the limit, then bisect the bracket in log space until its ends are within
-    ``rel_tol``. Reports the highest load that met the target (0 if none did, down to
-    ``start_qps / max_drop``: a configuration that far off is not worth slow probes).
+    From a starting load, multiply by ``growth`` while the target is met (or divide by
+    ``shrink``, default ``growth``, while it is missed) to bracket the limit, then bisect the
+    bracket in log space until its ends are within ``rel_tol``. Reports the highest load that
+    met the target (0 if none did, down to ``start_qps / max_drop``: a configuration that far
+    off is not worth slow probes).
     """
 
     rel_tol: float = 0.05
@@ -111,6 +112,7 @@ class LoadSearch:
     max_probes: int = 12
     min_qps: float = 0.5
     max_drop: float = 64.0
+    shrink: float | None = None
 
     def run(
         self, measure: Measure, config: SchedConfig, target: LatencyTarget, start_qps: float
@@ -129,7 +131,7 @@ class LoadSearch:
             if ok(qps):
                 lo, qps = qps, qps * self.growth
             else:
-                hi, qps = qps, qps / self.growth
+                hi, qps = qps, qps / (self.shrink or self.growth)
                 if lo == 0.0 and (qps < floor or self._load_does_not_matter(found, target)):
                     break
         while lo > 0.0 and hi < math.inf and hi / lo > 1 + self.rel_tol:
@@ -145,9 +147,14 @@ class LoadSearch:
 
     @staticmethod
     def _load_does_not_matter(found: ConfigResult, target: LatencyTarget) -> bool:
-        """Two failed probes in a row, the lower load no faster by 10%: the configuration's own
-        service time misses the target, and lower loads would only make slower probes."""
+        """Two failed probes in a row, the lower load kept up with (not aborted, answers at
+        the offered rate) and no faster by 10%: the configuration's own service time misses
+        the target, and lower loads would only make slower probes. (An overloaded probe says
+        nothing: past saturation every load queues alike.)"""
         if len(found.probes) < 2 or found.probes[-2].passed:
+            return False
+        low = found.probes[-1].result
+        if low.aborted or (low.duration > 0 and low.achieved_qps < 0.9 * low.offered_qps):
             return False
         before, now = (p.result.answered_tail(target.percentile) for p in found.probes[-2:])
         return now > target.seconds and now >= 0.9 * before
@@ -226,8 +233,9 @@ def guided_search(
 
     The prediction climbs like :func:`hill_climb` but visits every value of each knob (the
     simulation is cheap, so no early stop is needed to save time), holding the other knobs at
-    the best found so far. Real measurements use a narrow first step (``growth`` 1.15): the
-    prediction is usually within a few percent.
+    the best found so far. Real measurements go up in narrow steps (``growth`` 1.15) and down
+    in wide ones (``shrink`` 1.6): a prediction is usually close, but when the simulation
+    misses some contention it can be well above the real limit.
     """
     began = time.perf_counter()
     sim_search = LoadSearch(rel_tol=0.02, growth=2.0, max_probes=16)
@@ -241,7 +249,9 @@ def guided_search(
                 predicted[candidate] = sim_search.run(predict, candidate, target, start).qps
         anchor = max(predicted, key=lambda c: predicted[c])
     ranked = sorted(predicted, key=lambda c: predicted[c], reverse=True)[:verify]
-    search = search or LoadSearch(rel_tol=0.05, growth=1.15, max_probes=8)
+    # Up in small steps (the prediction is usually close), down in larger ones (when it is
+    # not, the simulation missed some contention and the limit can be far below).
+    search = search or LoadSearch(rel_tol=0.05, growth=1.15, shrink=1.6, max_probes=10)
     climbed = []
     for config in ranked:
         found = search.run(measure, config, target, max(predicted[config], search.min_qps))
