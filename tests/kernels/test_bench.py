@@ -7,9 +7,18 @@ from pathlib import Path
 import torch
 
 from recserve.kernels.bench import report
-from recserve.kernels.bench.cases import IdStream, make_inputs, model_tables, top_k_coverage
-from recserve.kernels.bench.plan import plan
+from recserve.kernels.bench.cases import (
+    Case,
+    IdStream,
+    TableSet,
+    make_inputs,
+    model_tables,
+    top_k_coverage,
+)
+from recserve.kernels.bench.plan import plan, select_cases
 from recserve.kernels.bench.run import ablation_picks, case_bucket
+from recserve.kernels.bench.sweep import TableBench
+from recserve.kernels.tuning import KernelTuner
 
 
 def test_plan_covers_the_issue_sweep() -> None:
@@ -24,6 +33,36 @@ def test_plan_covers_the_issue_sweep() -> None:
     assert all(ts.nbytes < 5 << 30 for ts, _ in sets)  # a few GB each
     micro = next((ts, cs) for ts, cs in sets if ts.name == "micro24" and ts.dtype == "fp32")
     assert [hot for _, hot in ablation_picks(*micro)] == [False, True]
+
+
+def test_select_cases_by_name_pattern() -> None:
+    sets = plan(2 << 30)
+    picked = select_cases(
+        sets,
+        ["4x1048kx128/fp32/B*/L80/zipf:1.05", "micro24/fp32/B2048/L150/zipf:1.05"],
+    )
+    names = [c.name for _, cs in picked for c in cs]
+    assert names == [  # in the order of the patterns, then of the plan
+        "4x1048kx128/fp32/B2048/L80/zipf:1.05",
+        "4x1048kx128/fp32/B16384/L80/zipf:1.05",
+        "micro24/fp32/B2048/L150/zipf:1.05",
+    ]
+    assert all(cs for _, cs in picked) and len(picked) == 2
+    first = select_cases(sets, ["micro24/fp16/*/zipf:1.05", "4x1048kx128/fp32/B2048/L80/*"])
+    assert [(ts.name, ts.dtype) for ts, _ in first] == [
+        ("micro24", "fp16"),
+        ("4x1048kx128", "fp32"),
+    ]
+    later = select_cases(sets, ["4x1048kx128/fp32/B2048/L80/*", "micro24/fp16/*/zipf:1.05"])
+    assert [ts.name for ts, _ in later] == ["4x1048kx128", "micro24"]
+    assert [c.ids for c in later[0][1]] == [
+        "uniform",
+        "zipf:0.8",
+        "zipf:1.05",
+        "zipf:1.2",
+        "one-item",
+    ]
+    assert select_cases(sets, ["nothing/*"]) == []
 
 
 def test_case_bucket_and_bytes() -> None:
@@ -66,6 +105,42 @@ def _row(name: str, ids: str, pooling: int, us: float, torch_us: float, fb_us: f
     return row
 
 
+def test_case_table_shows_speedups_and_the_earlier_config() -> None:
+    row = _row("4x1048kx128/fp32/B16384/L80/zipf:1.05", "zipf:1.05", 80, 200.0, 900.0, 245.0)
+    row["fbgemm_training"] = {"us": 240.0}
+    row["recserve_before"] = {"us": 426.0}
+    row["config"] = {
+        "bags": 2,
+        "rows": 8,
+        "num_warps": 1,
+        "maxnreg": 0,
+        "num_stages": 1,
+        "evict": "last",
+        "order": "table",
+    }
+    row["config_before"] = {
+        "bags": 8,
+        "rows": 4,
+        "num_warps": 8,
+        "maxnreg": 0,
+        "num_stages": 3,
+        "evict": "none",
+        "order": "table",
+    }
+    row["bucket"] = "fp32-d128-L64-B65536-h1"
+    row["unique_vs_uniform"] = 0.29
+    row["torch_max_rel_diff"] = 3e-7
+    report.derive(row, {512: {"rows_per_s": 8.5e9}}, 4000.0)
+    assert abs(row["speedup_vs_before"] - 2.13) < 1e-9
+    assert abs(row["speedup_vs_fbgemm"] - 1.2) < 1e-9
+    table = report.case_table([row, _row("b", "uniform", 1, 300.0, 900.0, 270.0)])
+    header, first, second = table.splitlines()
+    assert header.split()[:3] == ["case", "recserve", "before"]
+    assert "2x8w1e:last (8x4w8s3)" in first and "2.13" in first and "1.20" in first
+    assert "0.29" in first and "3.0e-07" in first
+    assert second.split()[2] == "-"  # no earlier config timed
+
+
 def test_summary_keys_and_plot(tmp_path: Path) -> None:
     rows = [
         _row("a", "uniform", 80, 150.0, 450.0, 180.0),
@@ -105,3 +180,24 @@ def test_summary_keys_and_plot(tmp_path: Path) -> None:
     }
     report.plot(result, tmp_path / "roofline.png")
     assert (tmp_path / "roofline.png").stat().st_size > 10_000
+
+
+def test_a_skewed_bucket_is_tuned_on_all_its_cases() -> None:
+    ts = TableSet("tiny", (300, 200), (32, 32), "fp32")
+    # Pooling 4 and 5 share pooling bucket 4; one-item ids are skew level 2 for sure. No
+    # candidates: only the heuristic config is timed (the interpreter is slow).
+    skewed = [Case(ts, 16, (p, p), "one-item") for p in (4, 5)]
+    uniform = [Case(ts, 16, (p, p), "uniform") for p in (4, 5)]
+    tuner = KernelTuner("cpu")
+    bench = TableBench(ts, tuner, fbgemm=False, seed=0, device="cpu", max_sets=1)
+    flat, hot = bench.tune_tiles(uniform + skewed, lambda b: [])
+    assert hot == flat + "-h2"
+    assert bench.tuned_on[hot] == [c.name for c in skewed]
+    assert bench.tuned_on[flat] == [uniform[0].name]  # uniform buckets: the first case
+    assert list(bench.tuned_case_us(hot)) == bench.tuned_on[hot]
+    assert tuner.entries[hot].us > 0
+    bench.close()
+    again = TableBench(ts, tuner, fbgemm=False, seed=1, device="cpu", max_sets=1)
+    assert again.tune_tiles(skewed, lambda b: []) == []  # known: kept
+    assert again.tune_tiles(skewed, lambda b: [], retune=lambda k: k == hot) == [hot]
+    again.close()

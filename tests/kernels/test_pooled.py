@@ -22,6 +22,7 @@ CONFIGS = [
     PooledConfig(bags=4, rows=2, num_warps=2, order="bag"),
     PooledConfig(bags=16, rows=1),
     PooledConfig(bags=2, rows=4, maxnreg=64, num_stages=3, evict="first"),
+    PooledConfig(bags=4, rows=4, num_warps=1, evict="last"),
 ]
 
 

@@ -6,11 +6,13 @@ from pathlib import Path
 
 from recserve.kernels.pooled import PooledConfig
 from recserve.kernels.tuning import (
+    CombinedTimer,
     KernelTuner,
     ShapeBucket,
     device_slug,
     heuristic_config,
     lever_candidates,
+    skew_tile_candidates,
     tile_candidates,
 )
 
@@ -38,6 +40,51 @@ def test_candidates_are_valid() -> None:
         assert all(c.rows <= 2 * max(1, bucket.pooling) for c in cands)
     levers = lever_candidates(PooledConfig(), reordered=True)
     assert {c.evict for c in levers["evict"]} == {"first", "hotcold"}
+
+
+def test_skewed_buckets_add_small_tiles_and_evict_last() -> None:
+    uniform = ShapeBucket("fp32", 128, 64, 65536)
+    skewed = ShapeBucket("fp32", 128, 64, 65536, skew=1)
+    extra = skew_tile_candidates(skewed)
+    assert extra and all(c.num_stages == 1 and c.evict == "none" for c in extra)
+    assert PooledConfig(bags=1, rows=8, num_warps=1) in extra  # one warp per program
+    assert PooledConfig(bags=4, rows=1, num_warps=4) in extra  # one warp per bag
+    for c in extra:
+        elements = c.bags * c.rows * skewed.block_d
+        assert c.num_warps == 1 or c.bags == c.num_warps
+        assert 4 * 32 * c.num_warps <= elements <= 64 * 32 * c.num_warps
+    assert not any(c.num_warps == 1 for c in tile_candidates(uniform))
+    # The extra tiles survive a candidate limit, and only skewed buckets get them.
+    limited = tile_candidates(skewed, limit=10)
+    assert limited[:10] == tile_candidates(uniform, limit=10)
+    assert set(extra) <= set(limited) and len(set(limited)) == len(limited)
+    assert tile_candidates(skewed, limit=10, skew_tiles=False) == limited[:10]
+    base = PooledConfig(bags=4, rows=2, num_warps=2)
+    assert {c.evict for c in lever_candidates(base, False, skew=1)["evict"]} == {"first", "last"}
+    assert {c.evict for c in lever_candidates(base, False)["evict"]} == {"first"}
+    assert {c.evict for c in lever_candidates(base, False, 2, skew_levers=False)["evict"]} == {
+        "first"
+    }
+
+
+def test_combined_timer_tunes_for_every_input_of_the_bucket() -> None:
+    """Zipf 0.8 and 1.05 share a skew level: pipelining (cp.async, no L1) wins a little on the
+    first and loses a lot on the second, so a bucket tuned on both must not keep it."""
+    bucket = ShapeBucket("fp32", 128, 64, 65536, skew=1)
+
+    def mild(cfg: PooledConfig) -> float:
+        return 430.0 * (0.97 if cfg.num_stages == 3 else 1.0) + cfg.bags
+
+    def steep(cfg: PooledConfig) -> float:
+        return 250.0 * (1.6 if cfg.num_stages == 3 else 1.0) + cfg.bags
+
+    alone = KernelTuner("Test GPU").tune(bucket, mild)
+    assert alone.config.num_stages == 3
+    timer = CombinedTimer([mild, steep])
+    both = KernelTuner("Test GPU").tune(bucket, timer)
+    assert both.config.num_stages == 1 and both.gains and both.gains["num_stages"] < 1.0
+    assert timer.times[both.config] == [mild(both.config), steep(both.config)]
+    assert abs(both.us - (mild(both.config) * steep(both.config)) ** 0.5) < 1e-9
 
 
 def test_tune_picks_fastest_and_keeps_only_real_lever_gains(tmp_path: Path) -> None:

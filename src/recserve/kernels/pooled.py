@@ -67,7 +67,7 @@ _FEATURE = tl.constexpr(8)
 _REMAP_BASE = tl.constexpr(9)
 _SCALE_OFF = tl.constexpr(10)
 
-EVICT_MODES = ("none", "first", "hotcold")
+EVICT_MODES = ("none", "first", "hotcold", "last")
 ORDERS = ("table", "bag")
 
 
@@ -77,9 +77,11 @@ class PooledConfig:
 
     ``bags * rows`` is the number of rows each program keeps in flight (the software prefetch
     distance); ``maxnreg`` caps registers per thread (the paper's occupancy fix; 0 = no cap);
-    ``num_stages`` software-pipelines the id -> row loop (1 = off); ``evict`` picks cache hints:
-    ``none``, ``first`` (every row ``evict_first``: rows are streamed once) or ``hotcold``
-    (``evict_last`` for rows in the hot prefix, ``evict_first`` for the rest); ``order`` maps
+    ``num_stages`` software-pipelines the id -> row loop (1 = off; above 1 the row loads become
+    ``cp.async``, which skips L1); ``evict`` picks cache hints: ``none``, ``first`` (every row
+    ``evict_first``: rows are streamed once), ``last`` (every row ``evict_last``: skewed ids
+    read the same rows again, so they should stay in L1) or ``hotcold`` (``evict_last`` for
+    rows in the hot prefix, ``evict_first`` for the rest); ``order`` maps
     programs to work table-major (``table``: consecutive programs share a table) or bag-major
     (``bag``: consecutive programs cover all tables of the same items, so output rows are
     written whole by programs running together).
@@ -203,6 +205,8 @@ def _pooled_kernel(
             x = x_hot.to(tl.float32) + x_cold.to(tl.float32)
         elif EVICT == "first":
             x = tl.load(ptrs, mask=m, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        elif EVICT == "last":
+            x = tl.load(ptrs, mask=m, other=0.0, eviction_policy="evict_last").to(tl.float32)
         else:
             x = tl.load(ptrs, mask=m, other=0.0).to(tl.float32)
         if HAS_PSW:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,9 +95,15 @@ def heuristic_config(bucket: ShapeBucket) -> PooledConfig:
     return PooledConfig(bags=bags, rows=rows, num_warps=2)
 
 
-def tile_candidates(bucket: ShapeBucket, limit: int = 0) -> list[PooledConfig]:
+def tile_candidates(
+    bucket: ShapeBucket, limit: int = 0, skew_tiles: bool = True
+) -> list[PooledConfig]:
     """Tile shapes (bags x rows, 8 to 256 rows in flight) and warps to search first; with
-    ``limit``, the ``limit`` nearest the heuristic (in rows in flight, then shape, then warps)."""
+    ``limit``, the ``limit`` nearest the heuristic (in rows in flight, then shape, then warps).
+
+    For a skewed bucket (``skew`` > 0) and ``skew_tiles``, :func:`skew_tile_candidates` are
+    added after those (never cut by ``limit``).
+    """
     out = []
     for in_flight in (8, 16, 32, 64, 128, 256):
         for rows in (1, 2, 4, 8, 16, 32, 64):
@@ -119,16 +125,52 @@ def tile_candidates(bucket: ShapeBucket, limit: int = 0) -> list[PooledConfig]:
             return (flight + shape, abs(c.num_warps.bit_length() - h.num_warps.bit_length()), 0)
 
         out = sorted(out, key=distance)[:limit]
+    if skew_tiles and bucket.skew:
+        out += [c for c in skew_tile_candidates(bucket) if c not in out]
     return out
 
 
-def lever_candidates(base: PooledConfig, reordered: bool) -> dict[str, list[PooledConfig]]:
-    """Variants of ``base`` with one lever changed each, by lever name."""
+def skew_tile_candidates(bucket: ShapeBucket) -> list[PooledConfig]:
+    """Small tiles for skewed ids, where most rows come from L2 or L1 (short latency, so few
+    rows in flight suffice, and L1 reuse wants few rows per SM): one warp per program from 2
+    rows in flight, and one warp per bag (``bags == num_warps``), as FBGEMM's training-forward
+    kernel works. At most 64 tile elements per thread (no register spills; 16 rows of 128
+    elements per warp) and no idle lanes. All ``num_stages=1`` (plain loads, cached in L1).
+    """
+    out = []
+    pooling = max(1, bucket.pooling)
+    for warps in (1, 2, 4, 8):
+        for in_flight in (2, 4, 8, 16, 32, 64, 128):
+            for rows in (1, 2, 4, 8, 16, 32):
+                if rows > in_flight or rows > 2 * pooling:
+                    continue
+                bags = in_flight // rows
+                if warps > 1 and bags != warps:
+                    continue
+                elements = in_flight * bucket.block_d
+                if elements > 64 * 32 * warps or elements < 4 * 32 * warps:
+                    continue
+                out.append(PooledConfig(bags=bags, rows=rows, num_warps=warps))
+    return out
+
+
+def lever_candidates(
+    base: PooledConfig, reordered: bool, skew: int = 0, skew_levers: bool = True
+) -> dict[str, list[PooledConfig]]:
+    """Variants of ``base`` with one lever changed each, by lever name.
+
+    For skewed ids (``skew`` > 0, with ``skew_levers``) the cache hints also try ``evict_last``
+    (hot rows are read again: keeping them in L1 can pay). Pipelining (``num_stages=3``, whose
+    ``cp.async`` skips L1) is timed for every bucket; a skewed bucket should be tuned on inputs
+    across its skew range (:class:`CombinedTimer`) so that it is kept only where it pays.
+    """
 
     def with_(**kw: Any) -> PooledConfig:
         return PooledConfig(**{**base.to_dict(), **kw})  # type: ignore[arg-type]
 
-    evicts = ("first", "hotcold") if reordered else ("first",)
+    evicts: tuple[str, ...] = ("first", "hotcold") if reordered else ("first",)
+    if skew and skew_levers:
+        evicts = (*evicts, "last")
     levers = {
         "maxnreg": [with_(maxnreg=n) for n in (64, 128) if n != base.maxnreg],
         "num_stages": [with_(num_stages=n) for n in (3,) if n != base.num_stages],
@@ -138,11 +180,30 @@ def lever_candidates(base: PooledConfig, reordered: bool) -> dict[str, list[Pool
     return {k: v for k, v in levers.items() if v}
 
 
+class CombinedTimer:
+    """Times a config on several inputs of one bucket and returns the geometric mean of the
+    times, so that the bucket's config suits all of them (e.g. Zipf 0.8 and 1.05 ids, which
+    share a skew level) rather than whichever input was tuned first. ``times`` keeps each
+    input's time of every config timed (the last timing of it)."""
+
+    def __init__(self, timers: Sequence[Callable[[PooledConfig], float]]) -> None:
+        if not timers:
+            raise ValueError("CombinedTimer needs at least one timer")
+        self.timers = list(timers)
+        self.times: dict[PooledConfig, list[float]] = {}
+
+    def __call__(self, config: PooledConfig) -> float:
+        times = [timer(config) for timer in self.timers]
+        self.times[config] = times
+        return math.exp(sum(math.log(max(t, 1e-9)) for t in times) / len(times))
+
+
 @dataclass
 class TunedEntry:
     config: PooledConfig
     us: float
-    """Median time of the chosen config on the tuning inputs, microseconds."""
+    """Median time of the chosen config on the tuning inputs, microseconds (the geometric
+    mean over the inputs when tuned on several, see :class:`CombinedTimer`)."""
     l2_window: bool = False
     """Whether an L2 access-policy window over the hot rows measured a gain here."""
     gains: dict[str, float] | None = None
@@ -251,7 +312,7 @@ class KernelTuner:
         base = entry.config
         lever_times = {
             lever: {c: time_us(c) for c in variants}
-            for lever, variants in lever_candidates(base, bucket.reordered).items()
+            for lever, variants in lever_candidates(base, bucket.reordered, bucket.skew).items()
         }
         base_us = time_us(base)
         combined = combine_levers(base, base_us, lever_times)

@@ -39,7 +39,7 @@ def lever_variants(base: PooledConfig, pooling: int) -> dict[str, list[PooledCon
         "num_warps": [_with(base, num_warps=w) for w in (1, 2, 4, 8)],
         "maxnreg": [_with(base, maxnreg=n) for n in (0, 32, 64, 128)],
         "num_stages": [_with(base, num_stages=s) for s in (1, 2, 3)],
-        "evict": [_with(base, evict=e) for e in ("none", "first")],
+        "evict": [_with(base, evict=e) for e in ("none", "first", "last")],
         "order": [_with(base, order=o) for o in ("table", "bag")],
     }
 

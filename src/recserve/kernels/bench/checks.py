@@ -7,6 +7,7 @@ the output poisoned with NaN first so an unwritten element fails.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -70,6 +71,7 @@ CHECK_CONFIGS = (
     PooledConfig(1, 16, num_stages=3),
     PooledConfig(8, 4, evict="first"),
     PooledConfig(2, 8, evict="hotcold"),
+    PooledConfig(2, 4, num_warps=1, evict="last"),
 )
 CHECK_SHAPES = (
     ("dim128", [128, 128], [5000, 3000]),
@@ -81,37 +83,49 @@ VARIANTS = ((False, torch.float32), (True, torch.float32), (False, torch.float16
 
 
 def _grid(
-    small: bool,
+    small: bool, configs: Sequence[PooledConfig] | None = None
 ) -> tuple[list[PooledConfig], list[tuple[str, list[int], list[int]]], int, int]:
-    configs, shapes = list(CHECK_CONFIGS), list(CHECK_SHAPES)
+    shapes = list(CHECK_SHAPES)
     if small:
         shapes = [(name, dims, [60] * len(dims)) for name, dims, _ in shapes]
-        return configs[2:4], shapes, 5, 6
-    return configs, shapes, 37, 40
+        return list(configs or CHECK_CONFIGS[2:4]), shapes, 5, 6
+    return list(configs or CHECK_CONFIGS), shapes, 37, 40
 
 
-def check_jobs() -> list[tuple[str, list[int], PooledConfig, bool, bool, int, torch.dtype]]:
+def check_jobs(
+    dtypes: Sequence[str] = CHECK_DTYPES, configs: Sequence[PooledConfig] | None = None
+) -> list[tuple[str, list[int], PooledConfig, bool, bool, int, torch.dtype]]:
     """``(dtype, dims, config, weighted, reordered, batch, out dtype)`` of every launch of
-    :func:`run_checks` on the device (to compile them ahead, in parallel)."""
-    configs, shapes, batch, _ = _grid(False)
+    :func:`run_checks` with the same ``dtypes`` and ``configs`` on the device (to compile
+    them ahead, in parallel)."""
+    configs, shapes, batch, _ = _grid(False, configs)
     return [
         (dtype, dims, cfg, weighted, cfg.evict == "hotcold", batch, out_dtype)
-        for dtype, (_, dims, _), cfg in itertools.product(CHECK_DTYPES, shapes, configs)
+        for dtype, (_, dims, _), cfg in itertools.product(dtypes, shapes, configs)
         for weighted, out_dtype in VARIANTS
     ]
 
 
-def run_checks(device: str = "cuda", seed: int = 0, small: bool = False) -> list[dict[str, Any]]:
+def run_checks(
+    device: str = "cuda",
+    seed: int = 0,
+    small: bool = False,
+    dtypes: Sequence[str] = CHECK_DTYPES,
+    configs: Sequence[PooledConfig] | None = None,
+    ceiling: bool = True,
+) -> list[dict[str, Any]]:
     """Run every check; each result has ``name``, ``rel_err`` and ``ok``.
 
     ``small`` (CPU smoke runs under the interpreter): fewer rows, bags and variants.
+    ``dtypes`` and ``configs`` (default :data:`CHECK_CONFIGS`) choose the pooled-lookup
+    checks (e.g. the configs a run has just tuned); ``ceiling`` adds the ceiling kernel's.
     """
     dev = torch.device(device)
     gen = torch.Generator(device=dev)
     gen.manual_seed(seed)
     results = []
-    configs, shapes, batch, max_len = _grid(small)
-    for dtype, (shape, dims, rows), cfg in itertools.product(CHECK_DTYPES, shapes, configs):
+    configs, shapes, batch, max_len = _grid(small, configs)
+    for dtype, (shape, dims, rows), cfg in itertools.product(dtypes, shapes, configs):
         case = _random_case(dtype, dims, rows, batch, max_len, gen, dev)
         poolings = ["sum", "mean"] * (len(dims) // 2) + ["sum"] * (len(dims) % 2)
         cols = [sum(dims[:i]) for i in range(len(dims))]
@@ -142,7 +156,7 @@ def run_checks(device: str = "cuda", seed: int = 0, small: bool = False) -> list
             tol = FP16_OUT_TOLERANCE if out_dtype == torch.float16 else TOLERANCE[dtype]
             name = f"pooled/{dtype}/{shape}/{_cfg_name(cfg)}/{'w' if weighted else 'u'}/{str(out_dtype)[6:]}"
             results.append({"name": name, "rel_err": err, "ok": err <= tol})
-    for width, hashed in itertools.product((12, 32, 128), (False, True)):
+    for width, hashed in itertools.product((12, 32, 128), (False, True)) if ceiling else ():
         table = torch.randn(1024, width, generator=gen, device=dev)
         ids = torch.randint(0, 1024, (2048,), generator=gen, device=dev)
         out = random_rows(
@@ -165,4 +179,5 @@ def run_checks(device: str = "cuda", seed: int = 0, small: bool = False) -> list
 
 
 def _cfg_name(cfg: PooledConfig) -> str:
-    return f"b{cfg.bags}r{cfg.rows}w{cfg.num_warps}n{cfg.maxnreg}s{cfg.num_stages}{cfg.evict}"
+    name = f"b{cfg.bags}r{cfg.rows}w{cfg.num_warps}n{cfg.maxnreg}s{cfg.num_stages}{cfg.evict}"
+    return name + ("-bag" if cfg.order == "bag" else "")

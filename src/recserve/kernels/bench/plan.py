@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import fnmatch
+from collections.abc import Sequence
+
 from recserve.kernels.bench.cases import Case, TableSet, model_tables, uniform_tables
 
 BATCHES = (256, 2048, 16384, 65536)
@@ -71,3 +74,24 @@ def smoke_plan() -> list[tuple[TableSet, list[Case]]]:
         (int8, [Case(int8, 16, (3, 3), "uniform", "grid")]),
     ]
     return out
+
+
+def select_cases(
+    sets: list[tuple[TableSet, list[Case]]], patterns: Sequence[str]
+) -> list[tuple[TableSet, list[Case]]]:
+    """The cases whose name (``tables/dtype/B<batch>/L<pooling>/<ids>``) matches one of the
+    shell ``patterns``, grouped by table set as before; table sets left without a case are
+    dropped, and the others run in the order of the first pattern that matches one of their
+    cases (so a time budget cuts the later patterns first)."""
+
+    def first_match(case: Case) -> int:
+        hits = [i for i, p in enumerate(patterns) if fnmatch.fnmatchcase(case.name, p)]
+        return hits[0] if hits else len(patterns)
+
+    out = []
+    for ts, cases in sets:
+        kept = [c for c in cases if first_match(c) < len(patterns)]
+        if kept:
+            out.append((min(first_match(c) for c in kept), ts, kept))
+    out.sort(key=lambda item: item[0])
+    return [(ts, kept) for _, ts, kept in out]

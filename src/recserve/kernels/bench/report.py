@@ -35,6 +35,8 @@ def derive(row: dict[str, Any], ceilings: dict[int, dict[str, Any]], copy_gbps: 
     ours["frac_copy_bw"] = ours["gbps"] / copy_gbps
     if "torch" in row:
         row["speedup_vs_torch"] = row["torch"]["us"] / ours["us"]
+    if "recserve_before" in row:
+        row["speedup_vs_before"] = row["recserve_before"]["us"] / ours["us"]
     fb = [row[p]["us"] for p in FBGEMM_PEERS if p in row]
     if fb:
         row["fbgemm_best_us"] = min(fb)
@@ -94,6 +96,78 @@ def summarize(cases: list[dict[str, Any]], ablation: list[dict[str, Any]]) -> di
         "cases_slower_than_fbgemm": sum(1 for x in vs_fb if x < 1.0),
         "large_lookups_threshold": LARGE_LOOKUPS,
     }
+
+
+def config_name(cfg: dict[str, Any] | None) -> str:
+    """``8x4w2`` plus the levers away from their defaults (``n128``, ``s3``, ``e:first``,
+    ``o:bag``)."""
+    if not cfg:
+        return "-"
+    out = f"{cfg['bags']}x{cfg['rows']}w{cfg['num_warps']}"
+    out += f"n{cfg['maxnreg']}" if cfg.get("maxnreg") else ""
+    out += f"s{cfg['num_stages']}" if cfg.get("num_stages", 1) != 1 else ""
+    out += f"e:{cfg['evict']}" if cfg.get("evict", "none") != "none" else ""
+    out += "o:bag" if cfg.get("order") == "bag" else ""
+    return out
+
+
+def case_table(cases: list[dict[str, Any]]) -> str:
+    """A short text table of timed cases: microseconds per method, recserve's speedups over
+    the best FBGEMM TBE and torch, and over the config the run started from, the largest
+    relative difference from the peers' outputs, and the bucket and config used."""
+
+    def us(row: dict[str, Any], name: str) -> str:
+        return f"{row[name]['us']:.1f}" if name in row else "-"
+
+    def ratio(row: dict[str, Any], key: str) -> str:
+        return f"{row[key]:.2f}" if key in row else "-"
+
+    header = (
+        "case",
+        "recserve",
+        "before",
+        "fbgemm_inf",
+        "fbgemm_trn",
+        "torch",
+        "x_fbgemm",
+        "x_torch",
+        "x_before",
+        "max_diff",
+        "skew_ratio",
+        "bucket",
+        "config (before)",
+    )
+    lines = [header]
+    for row in cases:
+        diffs = [v for k, v in row.items() if k.endswith("_max_rel_diff")]
+        config = config_name(row.get("config"))
+        if "config_before" in row:
+            config += f" ({config_name(row['config_before'])})"
+        lines.append(
+            (
+                row["name"],
+                us(row, "recserve"),
+                us(row, "recserve_before"),
+                us(row, "fbgemm_inference"),
+                us(row, "fbgemm_training"),
+                us(row, "torch"),
+                ratio(row, "speedup_vs_fbgemm"),
+                ratio(row, "speedup_vs_torch"),
+                ratio(row, "speedup_vs_before"),
+                f"{max(diffs):.1e}" if diffs else "-",
+                f"{row['unique_vs_uniform']:.2f}" if "unique_vs_uniform" in row else "-",
+                row.get("bucket", "-"),
+                config,
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(
+            cell.ljust(w) if i in (0, 11, 12) else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+        ).rstrip()
+        for line in lines
+    )
 
 
 def _median(xs: list[float]) -> float | None:

@@ -3,14 +3,20 @@
 ``run(options)`` does everything in one process on one GPU and writes, under ``options.out``:
 ``kernels.json`` (starting with the ``summary`` object), ``kernels-roofline.png`` and
 ``kernels-tuned.json`` (the autotuner's configs for this device; copy it to
-``src/recserve/kernels/configs/<device>.json`` to ship it). Results are written after every
+``src/recserve/kernels/configs/<device>.json`` to ship it) and ``kernels-retuned.json`` (only
+the buckets tuned in this run, to merge into a shipped file). Results are written after every
 table set, so a run cut short by its time budget still leaves what it measured.
+
+A focused run (``cases`` and ``retune`` patterns) times only some cases of the plan and tunes
+chosen buckets again, timing each case with the earlier config too (``recserve_before``),
+checks the configs it tuned against the reference and prints a table of the cases.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import fnmatch
 import json
 import time
 from dataclasses import dataclass, field
@@ -25,7 +31,7 @@ from recserve.kernels.bench import ablation, checks, report
 from recserve.kernels.bench.cases import Case, TableSet, model_tables, uniform_tables
 from recserve.kernels.bench.ceilings import CEILING_VARIANTS, copy_bandwidth, random_row_ceilings
 from recserve.kernels.bench.peers import fbgemm_available
-from recserve.kernels.bench.plan import SWEEP_TABLES, plan, smoke_plan
+from recserve.kernels.bench.plan import SWEEP_TABLES, plan, select_cases, smoke_plan
 from recserve.kernels.bench.precompile import CeilingJob, Compiler, PooledJob
 from recserve.kernels.bench.sweep import MAX_SETS, TableBench
 from recserve.kernels.layout import ALIGN_BYTES, element_size
@@ -65,7 +71,18 @@ class BenchOptions:
     seed: int = 0
     checks: bool = True
     ablation: bool = True
+    cases: tuple[str, ...] = ()
+    """Only the plan's cases whose name matches one of these shell patterns (all if empty),
+    e.g. ``4x1048kx128/fp32/B16384/L80/zipf:*``."""
+    retune: tuple[str, ...] = ()
+    """Tune again the buckets (keys, shell patterns, e.g. ``*-h?``) that the tuner already
+    has, when the selected cases hit them; each such case is also timed with the earlier
+    config."""
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def focused(self) -> bool:
+        return bool(self.cases)
 
 
 def case_bucket(case: Case) -> ShapeBucket:
@@ -79,6 +96,17 @@ def case_bucket(case: Case) -> ShapeBucket:
 
 def _job(ts: TableSet, cfg: PooledConfig, **kw: Any) -> PooledJob:
     return PooledJob(ts.dtype, ts.dims, tuple(cfg.to_dict().items()), **kw)
+
+
+def _check_jobs(dtypes: list[str], configs: list[PooledConfig] | None) -> list[PooledJob]:
+    jobs = []
+    for dtype, dims, cfg, weighted, reordered, batch, out_dtype in checks.check_jobs(
+        dtypes, configs
+    ):
+        config = tuple(cfg.to_dict().items())
+        fp16 = out_dtype == torch.float16
+        jobs.append(PooledJob(dtype, tuple(dims), config, weighted, reordered, True, batch, fp16))
+    return jobs
 
 
 def probe_cases(table_bytes: int) -> list[tuple[TableSet, list[Case]]]:
@@ -152,6 +180,13 @@ def _environment(opts: BenchOptions) -> dict[str, Any]:
     }
 
 
+def _check_dtypes(opts: BenchOptions, sets: list[tuple[TableSet, list[Case]]]) -> list[str]:
+    """Row dtypes the on-device checks cover: all, or (focused runs) those of the cases."""
+    if not opts.focused:
+        return list(checks.CHECK_DTYPES)
+    return sorted({ts.dtype for ts, _ in sets})
+
+
 def _ahead_jobs(
     opts: BenchOptions, sets: list[tuple[TableSet, list[Case]]], tuner: KernelTuner
 ) -> tuple[list[PooledJob | CeilingJob], list[int]]:
@@ -163,12 +198,7 @@ def _ahead_jobs(
             for hashed in (False, True):
                 jobs.append(CeilingJob(size // 4, rows, warps, hashed))
     if opts.checks:
-        for dtype, dims, cfg, weighted, reordered, batch, out_dtype in checks.check_jobs():
-            config = tuple(cfg.to_dict().items())
-            fp16 = out_dtype == torch.float16
-            jobs.append(
-                PooledJob(dtype, tuple(dims), config, weighted, reordered, True, batch, fp16)
-            )
+        jobs += _check_jobs(_check_dtypes(opts, sets), None)
     for ts, cases in sets:
         for case in cases:
             bucket = case_bucket(case)
@@ -176,7 +206,10 @@ def _ahead_jobs(
                 jobs.append(_job(ts, tuner.config(dataclasses.replace(bucket, skew=skew))))
             if opts.tune or opts.mode == "probe":
                 limit = 0 if opts.mode == "probe" else opts.tune_candidates
-                jobs += [_job(ts, c) for c in tile_candidates(bucket, limit)]
+                # Skewed ids (known only once profiled) add their own tile candidates.
+                for skew in (0,) if case.ids == "uniform" else (0, 1, 2):
+                    skewed = dataclasses.replace(bucket, skew=skew)
+                    jobs += [_job(ts, c) for c in tile_candidates(skewed, limit)]
     return jobs, row_sizes
 
 
@@ -192,6 +225,18 @@ def run(opts: BenchOptions) -> dict[str, Any]:
         sets = smoke_plan()
     else:
         sets = plan(opts.table_bytes, opts.mode == "quick")
+    if opts.cases:
+        sets = select_cases(sets, opts.cases)
+        if not sets:
+            raise ValueError(f"no case of the {opts.mode} plan matches {list(opts.cases)}")
+    before = KernelTuner(tuner.device, dict(tuner.entries)) if opts.retune else None
+    tuned_here: list[str] = []
+    tuned_dtype: dict[str, str] = {}
+
+    def retune(key: str) -> bool:
+        """Tune ``key`` again: asked for, and not already tuned in this run."""
+        return key not in tuned_here and any(fnmatch.fnmatchcase(key, p) for p in opts.retune)
+
     result: dict[str, Any] = {
         "summary": {},
         **head,
@@ -204,6 +249,7 @@ def run(opts: BenchOptions) -> dict[str, Any]:
         "cases": [],
         "ablation": [],
         "probe": [],
+        "selected": {"cases": list(opts.cases), "retune": list(opts.retune)},
         "skipped": [],
         "phases": {},
     }
@@ -223,7 +269,9 @@ def run(opts: BenchOptions) -> dict[str, Any]:
     phase(f"compiled {len(jobs)} variants ahead")
 
     if opts.checks:
-        result["checks"] = checks.run_checks(opts.device, opts.seed, small=opts.mode == "smoke")
+        result["checks"] = checks.run_checks(
+            opts.device, opts.seed, small=opts.mode == "smoke", dtypes=_check_dtypes(opts, sets)
+        )
         bad = [c for c in result["checks"] if not c["ok"]]
         phase(f"checks: {len(result['checks']) - len(bad)} ok, {len(bad)} failed")
 
@@ -260,19 +308,25 @@ def run(opts: BenchOptions) -> dict[str, Any]:
             result["probe"] += [_probe_case(bench, case) for case in cases]
         elif opts.tune:
             limit = 2 if small else opts.tune_candidates
-            tuned = bench.tune_tiles(cases, lambda b, n=limit: tile_candidates(b, n))
+            # Smoke runs (interpreter) keep two of the skewed buckets' extra tiles too.
+            keep = limit + 2 if small else None
+            tuned = bench.tune_tiles(
+                cases, lambda b, n=limit, k=keep: tile_candidates(b, n)[:k], retune
+            )
+            tuned_here.extend(tuned)
+            tuned_dtype.update(dict.fromkeys(tuned, ts.dtype))
             if opts.tune_levers and tuned:
                 compile_jobs([_job(ts, c) for c in bench.lever_configs(tuned)], f"levers {ts.name}")
                 bench.tune_levers(
                     tuned,
                     lambda cfgs, ts=ts: compile_jobs([_job(ts, c) for c in cfgs], "combined"),
                 )
-            result["tuning"] += [{"bucket": k, **tuner.entries[k].to_dict()} for k in tuned]
+            result["tuning"] += [_tuning_row(bench, before, k) for k in tuned]
         for case in cases:
             if time.perf_counter() - t0 > opts.budget_s + 60:
                 result["skipped"].append(case.name)
                 continue
-            row = bench.run_case(case)
+            row = bench.run_case(case, before)
             report.derive(row, ceilings, result["ceilings"]["copy"]["gbps"])
             result["cases"].append(row)
         picks = ablation_picks(ts, cases) if opts.ablation else []
@@ -291,17 +345,45 @@ def run(opts: BenchOptions) -> dict[str, Any]:
                 result["ablation"].append({"case": case.name, "error": error})
         bench.close()
         phase(f"{ts.name}/{ts.dtype}: {len(cases)} cases")
-        _write(result, opts, tuner)
+        _write(result, opts, tuner, tuned_here)
+    if opts.checks and opts.focused and tuned_here:
+        # The configs this run chose, against the float64 reference (jagged bags, weights,
+        # mean pooling, fp16 output), before anyone ships them.
+        chosen = {(tuned_dtype[key], tuner.entries[key].config) for key in tuned_here}
+        for dtype in sorted({d for d, _ in chosen}):
+            configs = sorted({c for d, c in chosen if d == dtype}, key=str)
+            compile_jobs(_check_jobs([dtype], configs), "tuned checks")
+            got = checks.run_checks(
+                opts.device, opts.seed + 1, small, dtypes=[dtype], configs=configs, ceiling=False
+            )
+            result["checks"] += [{**c, "name": "tuned/" + c["name"]} for c in got]
+        bad = [c for c in result["checks"] if not c["ok"]]
+        phase(f"checks with the tuned configs: {len(bad)} failed in all")
     if compiler is not None:
         compiler.close()
     phase("done")
-    _write(result, opts, tuner)
+    _write(result, opts, tuner, tuned_here)
+    if opts.focused:
+        print(report.case_table(result["cases"]), flush=True)
     try:
         report.plot(result, opts.out / "kernels-roofline.png")
     except Exception as exc:  # the JSON matters more than the picture
         result["plot_error"] = f"{type(exc).__name__}: {exc}"
-        _write(result, opts, tuner)
+        _write(result, opts, tuner, tuned_here)
     return result
+
+
+def _tuning_row(bench: TableBench, before: KernelTuner | None, key: str) -> dict[str, Any]:
+    """A tuned bucket: the cases it was tuned on and each one's time with the chosen config,
+    the entry it replaced (if any) and the new entry."""
+    replaced = before.entries.get(key) if before is not None else None
+    return {
+        "bucket": key,
+        "tuned_on": bench.tuned_on[key],
+        "case_us": bench.tuned_case_us(key),
+        "before": replaced.to_dict() if replaced is not None else None,
+        **bench.backend.tuner.entries[key].to_dict(),
+    }
 
 
 def _probe_case(bench: TableBench, case: Case) -> dict[str, Any]:
@@ -337,8 +419,11 @@ def _hot_bytes() -> int | None:
         return 32 << 20
 
 
-def _write(result: dict[str, Any], opts: BenchOptions, tuner: KernelTuner) -> None:
-    """Write the JSON (summary first, of what was measured so far) and the tuned configs."""
+def _write(
+    result: dict[str, Any], opts: BenchOptions, tuner: KernelTuner, tuned: list[str]
+) -> None:
+    """Write the JSON (summary first, of what was measured so far), the tuner's configs and
+    those of the buckets ``tuned`` in this run."""
     result["summary"] = {
         **report.summarize(result["cases"], result["ablation"]),
         "device": result["device"],
@@ -348,6 +433,9 @@ def _write(result: dict[str, Any], opts: BenchOptions, tuner: KernelTuner) -> No
     }
     (opts.out / "kernels.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     tuner.save(opts.out / "kernels-tuned.json")
+    KernelTuner(tuner.device, {k: tuner.entries[k] for k in tuned}).save(
+        opts.out / "kernels-retuned.json"
+    )
 
 
 def default_out_dir() -> Path:

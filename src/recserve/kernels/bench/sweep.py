@@ -23,7 +23,13 @@ from recserve.kernels.bench.peers import (
 )
 from recserve.kernels.pooled import PooledConfig, pooled_lookup
 from recserve.kernels.timing import time_us
-from recserve.kernels.tuning import KernelTuner, ShapeBucket, combine_levers, lever_candidates
+from recserve.kernels.tuning import (
+    CombinedTimer,
+    KernelTuner,
+    ShapeBucket,
+    combine_levers,
+    lever_candidates,
+)
 from recserve.storage.hbm import TritonBackend
 
 ROTATE_BYTES = 256 << 20
@@ -70,7 +76,9 @@ class TableBench:
             except Exception as exc:  # a peer that cannot run this dtype is reported, not fatal
                 self.peer_errors[name] = f"{type(exc).__name__}: {exc}"[:300]
         self.streams: dict[str, list[IdStream]] = {}
-        self._tuning: dict[str, tuple[ShapeBucket, Callable[[PooledConfig], float]]] = {}
+        self._tuning: dict[str, tuple[ShapeBucket, CombinedTimer]] = {}
+        self.tuned_on: dict[str, list[str]] = {}
+        """The cases each bucket tuned here was tuned on, by bucket key."""
 
     def close(self) -> None:
         self.peers.clear()
@@ -108,23 +116,48 @@ class TableBench:
         return lambda cfg: time_us(self.recserve_calls(sets, case, cfg), reps=3, min_ms=0.5)
 
     def tune_tiles(
-        self, cases: list[Case], candidates: Callable[[ShapeBucket], list[PooledConfig]]
+        self,
+        cases: list[Case],
+        candidates: Callable[[ShapeBucket], list[PooledConfig]],
+        retune: Callable[[str], bool] | None = None,
     ) -> list[str]:
-        """Tune the tile of every bucket of ``cases`` the tuner does not know yet, each on
-        its own input sets (drawn apart from the timed ones); returns the tuned bucket keys."""
-        tuned = []
+        """Tune the tile of every bucket of ``cases`` the tuner does not know yet (or that
+        ``retune(key)`` asks for again), on input sets drawn apart from the timed ones;
+        returns the tuned bucket keys.
+
+        A skewed bucket hit by several cases (e.g. Zipf 0.8 and 1.05 ids, both skew level 1)
+        is tuned on all of them at once: each config's time is the geometric mean over those
+        cases (:class:`CombinedTimer`), so the config suits the whole range of the level. A
+        uniform bucket is tuned on its first case (the uniform one, where the plan has it).
+        """
+        groups: dict[str, tuple[ShapeBucket, list[Case], list[list[Inputs]]]] = {}
         for case in cases:
             sets = self.inputs(case, min(self.sets_for(case), TUNING_SETS))
             self.backend.profile(sets[0].values, sets[0].offsets, case.batch)
             bucket = self.bucket(case, sets[0])
             key = bucket.key()
-            if self.backend.tuner.entry(bucket) is not None or key in self._tuning:
+            known = self.backend.tuner.entry(bucket) is not None
+            if key in self._tuning or (known and not (retune and retune(key))):
                 continue
-            timer = self._tuning_timer(case, sets)
+            group = groups.setdefault(key, (bucket, [], []))
+            if group[1] and not bucket.skew:
+                continue
+            group[1].append(case)
+            group[2].append(sets)
+        for key, (bucket, members, member_sets) in groups.items():
+            timer = CombinedTimer(
+                [self._tuning_timer(c, s) for c, s in zip(members, member_sets, strict=True)]
+            )
             self.backend.tuner.tune_tiles(bucket, timer, candidates(bucket))
             self._tuning[key] = (bucket, timer)
-            tuned.append(key)
-        return tuned
+            self.tuned_on[key] = [c.name for c in members]
+        return list(groups)
+
+    def tuned_case_us(self, key: str) -> dict[str, float]:
+        """Each case's time (tuning inputs) with the config chosen for bucket ``key``."""
+        _, timer = self._tuning[key]
+        times = timer.times.get(self.backend.tuner.entries[key].config, [])
+        return dict(zip(self.tuned_on[key], times, strict=False))
 
     def lever_configs(self, keys: list[str]) -> list[PooledConfig]:
         """The lever variants :meth:`tune_levers` will time (to compile them ahead)."""
@@ -132,7 +165,8 @@ class TableBench:
         for key in keys:
             bucket, _ = self._tuning[key]
             base = self.backend.tuner.entries[key].config
-            out += [c for v in lever_candidates(base, bucket.reordered).values() for c in v]
+            levers = lever_candidates(base, bucket.reordered, bucket.skew)
+            out += [c for v in levers.values() for c in v]
         return out
 
     def tune_levers(self, keys: list[str], prepare: Callable[[list[PooledConfig]], None]) -> None:
@@ -144,7 +178,7 @@ class TableBench:
             base = self.backend.tuner.entries[key].config
             lever_times = {
                 lever: {c: timer(c) for c in variants}
-                for lever, variants in lever_candidates(base, bucket.reordered).items()
+                for lever, variants in lever_candidates(base, bucket.reordered, bucket.skew).items()
             }
             base_us = timer(base)
             measured[key] = (base, base_us, lever_times, combine_levers(base, base_us, lever_times))
@@ -163,7 +197,12 @@ class TableBench:
         self.backend.profile(sample.values, sample.offsets, case.batch)
         return self.backend.configs_for(sample.values, case.batch, None, sample.key_offsets)[0][1]
 
-    def run_case(self, case: Case) -> dict[str, Any]:
+    def run_case(self, case: Case, before: KernelTuner | None = None) -> dict[str, Any]:
+        """Time ``case`` with recserve's backend and every peer on the same input sets.
+
+        With ``before`` (the configs the run started from), a case whose bucket's config
+        changed in this run is also timed with the earlier config (``recserve_before``).
+        """
         sets = self.inputs(case, self.sets_for(case))
         first = sets[0]
         skew = self.backend.profile(first.values, first.offsets, case.batch)
@@ -193,6 +232,9 @@ class TableBench:
         methods: dict[str, list[Callable[[], object]]] = {
             "recserve": self.recserve_calls(sets, case)
         }
+        if before is not None and before.config(bucket) != config:
+            row["config_before"] = before.config(bucket).to_dict()
+            methods["recserve_before"] = self.recserve_calls(sets, case, before.config(bucket))
         for name, peer in self.peers.items():
             methods[name] = [peer.call(s, case.batch) for s in sets]
             try:
