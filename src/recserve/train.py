@@ -469,6 +469,108 @@ def _train_dlrm(
     return model, report
 
 
+@dataclass
+class CrossValidation:
+    """K-fold cross-validation of the DLRM against the logistic regression on all examples.
+
+    Fold ``k`` is the test set, fold ``k + 1`` the dev set (early stopping), the rest the train
+    set; every example is predicted once, by models that never saw it. ``pooled`` holds the
+    metrics of those out-of-fold predictions (a test set the size of the whole data, so far
+    less noisy than one small test split)."""
+
+    folds: list[dict[str, Metrics]]
+    pooled: dict[str, Metrics]
+    rows: int
+    seconds: float
+
+    @property
+    def beats_baselines(self) -> bool:
+        """Higher pooled AUC and lower pooled logloss than the logistic regression (and the
+        constant predictor)."""
+        d, lr, c = self.pooled["dlrm"], self.pooled["logistic_regression"], self.pooled["constant"]
+        return d.auc > max(lr.auc, c.auc) and d.logloss < min(lr.logloss, c.logloss)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "folds": [{k: asdict(m) for k, m in f.items()} for f in self.folds],
+            "pooled": {k: asdict(m) for k, m in self.pooled.items()},
+            "beats_baselines": self.beats_baselines,
+            "rows": self.rows,
+            "seconds": self.seconds,
+        }
+
+
+def cross_validate(
+    config: ModelConfig,
+    splits: dict[str, Iterable[LabeledBatch]],
+    folds: int = 5,
+    options: TrainOptions | None = None,
+    on_fold: Callable[[int, dict[str, Metrics]], None] | None = None,
+) -> CrossValidation:
+    """Pool every split of ``splits``, shuffle (``options.seed``) and cross-validate the DLRM,
+    the logistic regression and the constant predictor over ``folds`` folds."""
+    if folds < 3:
+        raise ValueError(f"cross-validation needs at least 3 folds (train, dev, test), got {folds}")
+    options = options or TrainOptions()
+    threads = torch.get_num_threads()
+    if options.threads is not None:
+        torch.set_num_threads(options.threads)
+    began = time.perf_counter()
+    try:
+        parts = [Tabular.from_batches(b) for b in splits.values()]
+        every = Tabular(
+            torch.cat([p.dense for p in parts]),
+            torch.cat([p.ids for p in parts]),
+            torch.cat([p.labels for p in parts]),
+            parts[0].keys,
+        )
+        order = torch.randperm(len(every), generator=torch.Generator().manual_seed(options.seed))
+        chunks = order.chunk(folds)
+        if len(chunks) < folds:
+            raise ValueError(f"{len(every)} examples cannot make {folds} folds")
+
+        def take(index: torch.Tensor) -> Tabular:
+            return Tabular(every.dense[index], every.ids[index], every.labels[index], every.keys)
+
+        scores: dict[str, list[torch.Tensor]] = {"dlrm": [], "logistic_regression": []}
+        const, labels, per_fold = [], [], []
+        for k in range(folds):
+            dev_k = (k + 1) % folds
+            train = take(torch.cat([c for j, c in enumerate(chunks) if j not in (k, dev_k)]))
+            dev, test = take(chunks[dev_k]), take(chunks[k])
+            rare = RareRows.fit(
+                train.ids, [t.num_rows for t in config.pooled_tables], options.min_count
+            )
+            train, dev, test = (d.with_ids(rare.apply(d.ids)) for d in (train, dev, test))
+            fold_scores = {}
+            for name, model in (
+                ("dlrm", build_model(config, seed=options.seed)),
+                ("logistic_regression", LogisticRegression(config)),
+            ):
+                fit(model, train, dev, options)
+                with torch.no_grad():
+                    fold_scores[name] = predict(model, test)
+                scores[name].append(fold_scores[name])
+            rate = float(train.labels.mean())
+            fold_scores["constant"] = torch.full_like(test.labels, rate)
+            const.append(fold_scores["constant"])
+            labels.append(test.labels)
+            metrics = {n: _metrics(test.labels, p) for n, p in fold_scores.items()}
+            per_fold.append(metrics)
+            if on_fold is not None:
+                on_fold(k, metrics)
+        y = torch.cat(labels)
+        pooled = {n: _metrics(y, torch.cat(p)) for n, p in scores.items()}
+        pooled["constant"] = _metrics(y, torch.cat(const))
+        return CrossValidation(per_fold, pooled, len(every), time.perf_counter() - began)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _metrics(labels: torch.Tensor, probs: torch.Tensor) -> Metrics:
+    return Metrics(log_loss(labels, probs), roc_auc(labels, probs))
+
+
 # --- datasets on disk ------------------------------------------------------------------------
 
 DATASETS: tuple[str, ...] = ("criteo", "avazu")

@@ -17,6 +17,7 @@ from recserve.train import (
     RareRows,
     Tabular,
     TrainOptions,
+    cross_validate,
     log_loss,
     predict,
     roc_auc,
@@ -106,3 +107,27 @@ def test_train_cli_json(
     assert report["folder"] == str(tmp_path / "m") and (tmp_path / "m" / "config.json").is_file()
     assert main(["train", "--epochs", "1"]) == 2
     assert "no train file" in capsys.readouterr().err
+
+
+def test_cross_validation_predicts_every_example_once(shared_data: Path) -> None:
+    config = criteo_dlrm_config(rows_per_table=512, dim=4, interaction="cat")
+    readers = split_readers("criteo", config, shared_data / CRITEO)
+    cv = cross_validate(config, readers, folds=3, options=TrainOptions(epochs=2, patience=2))
+    assert cv.rows == 8000 and len(cv.folds) == 3
+    for fold in cv.folds:
+        assert set(fold) == {"dlrm", "logistic_regression", "constant"}
+        assert fold["constant"].auc == pytest.approx(0.5)
+        assert fold["dlrm"].auc > 0.6  # learns something on every fold
+    # Pooled metrics are those of all out-of-fold predictions, not a mean of the folds.
+    assert cv.pooled["dlrm"].logloss == pytest.approx(
+        sum(f["dlrm"].logloss * n for f, n in zip(cv.folds, (2667, 2667, 2666), strict=True))
+        / 8000,
+        rel=1e-4,
+    )
+    assert cv.beats_baselines == (
+        cv.pooled["dlrm"].auc > cv.pooled["logistic_regression"].auc
+        and cv.pooled["dlrm"].logloss < cv.pooled["logistic_regression"].logloss
+        and cv.pooled["dlrm"].logloss < cv.pooled["constant"].logloss
+    )
+    with pytest.raises(ValueError, match="at least 3 folds"):
+        cross_validate(config, readers, folds=2)
