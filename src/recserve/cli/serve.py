@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
+import sys
 from pathlib import Path
 
 import torch
@@ -162,6 +164,9 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s: %(message)s")
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
+    # The event loop shares the GIL with engine threads that run torch ops (most of which keep
+    # the GIL); a short switch interval bounds how long a request waits for its turn.
+    sys.setswitchinterval(float(os.environ.get("RECSERVE_SWITCH_INTERVAL", "0.0005")))
     asyncio.run(serve(settings_from_args(args), ENGINES[args.engine]))
     return 0
 

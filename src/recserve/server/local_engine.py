@@ -20,7 +20,9 @@ import torch
 
 from recserve.config import ModelConfig
 from recserve.embedding import TorchBackend
+from recserve.engine.engine import default_ids_per_item
 from recserve.engine.interface import EngineClosed, Overloaded
+from recserve.loadgen.synthetic import QueryFactory
 from recserve.models.base import RecModel
 from recserve.pipeline import GPUPipeline, device_model
 from recserve.types import Batch
@@ -42,6 +44,7 @@ class LocalEngine:
         device: torch.device | str | None = None,
         intra_op_threads: int | None = None,
         pipeline: bool = True,
+        prepare: bool = True,
     ) -> None:
         found = config if config is not None else getattr(model, "config", None)
         if not isinstance(found, ModelConfig):
@@ -59,6 +62,9 @@ class LocalEngine:
             else:  # host or tiered tables: the dense part is still graphed
                 self._fast = model
         self._local = threading.local()
+        self._prepare = prepare and self._fast is not None
+        self._started = [threading.Event() for _ in range(workers)]
+        self._start_error: BaseException | None = None
         self._queue: queue.Queue[tuple[Batch, Future[torch.Tensor]] | None] = queue.Queue(max_queue)
         # torch.set_num_threads is per thread (OpenMP): each worker sets its own, by default the
         # creating thread's count.
@@ -67,11 +73,16 @@ class LocalEngine:
         self._closed = False
         self._counts = {"requests": 0, "items": 0, "failures": 0, "busy_workers": 0}
         self._threads = [
-            threading.Thread(target=self._work, name=f"local-engine-{i}", daemon=True)
+            threading.Thread(target=self._work, args=(i,), name=f"local-engine-{i}", daemon=True)
             for i in range(workers)
         ]
         for t in self._threads:
             t.start()
+        for started in self._started:  # graphs captured (and kernels compiled) up front
+            started.wait()
+        if self._start_error is not None:
+            self.close()
+            raise RuntimeError("preparing the GPU pipeline failed") from self._start_error
 
     def submit(self, batch: Batch) -> Future[torch.Tensor]:
         future: Future[torch.Tensor] = Future()
@@ -112,8 +123,18 @@ class LocalEngine:
         for t in self._threads:
             t.join()
 
-    def _work(self) -> None:
+    def _work(self, index: int) -> None:
         torch.set_num_threads(self._intra_op_threads)
+        try:
+            if self._prepare:
+                pipe = self._pipeline()
+                assert pipe is not None
+                factory = QueryFactory(self.config, "uniform", seed=index)
+                pipe.prepare(factory.make, default_ids_per_item(self.config))
+        except BaseException as e:  # reported by the constructor
+            self._start_error = e
+        finally:
+            self._started[index].set()
         while True:
             item = self._queue.get()
             if item is None:
