@@ -4,6 +4,11 @@ Same as ``recserve bench tiers``; run on the GPU machine from the repository roo
 
     PYTHONPATH=src python benchmarks/bench_tiers.py --out $OUT
 
+A focused run of the 256-byte grid only (no row-size sweep, no tuning), both cache policies:
+
+    PYTHONPATH=src python benchmarks/bench_tiers.py --out $OUT/tiers --no-tune \
+        --sweep-row-bytes "" --policies lfu,lru --refresh-every 4
+
 See ``python benchmarks/bench_tiers.py --help``. On a CPU (interpreted kernels, tiny sizes):
 ``python benchmarks/bench_tiers.py --device cpu --host-gib 0.001 --tables 2 --batches 4
 --poolings 1,3 --sweep-row-bytes 512 --out /tmp/tiers``.

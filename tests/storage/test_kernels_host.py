@@ -15,9 +15,12 @@ from recserve.kernels.host import (
     RECORD_LRU,
     SENTINEL32,
     SENTINEL64,
+    STAT_LANES,
     dedup_ids,
     gather_rows,
     gather_rows_reference,
+    gather_unique,
+    gather_unique_reference,
     globalize,
     globalize_reference,
     tiered_pooled,
@@ -104,6 +107,7 @@ def test_kernel_matches_reference_with_records_and_stats(seed: int, batch_of: Ba
         assert torch.equal(scores[0], scores[1])
         assert torch.equal(stats[0], stats[1])
         lookups = torch.tensor([kjt.key_offsets()[i + 1] - kjt.key_offsets()[i] for i in range(4)])
+        lookups[2] = 0  # lookups are counted for host tables only (c is in HBM)
         assert torch.equal(stats[0][:, 0], lookups)
 
 
@@ -119,6 +123,120 @@ def test_dedup_ids_without_sync(sentinel: int, seed: int) -> None:
     distinct = torch.unique(gids)
     assert torch.equal(unique[: distinct.numel()], distinct)
     assert bool((unique[distinct.numel() :] == sentinel).all())
+
+
+@pytest.mark.parametrize("sentinel", [SENTINEL32, SENTINEL64])
+def test_dedup_ids_counts_each_unique_id(sentinel: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    dtype = torch.int32 if sentinel == SENTINEL32 else torch.int64
+    gids = torch.randint(0, 9, (64,), generator=g).to(dtype) ** 2  # repeats and gaps
+    gids[torch.rand(64, generator=g) < 0.3] = sentinel
+    unique, inverse, counts = dedup_ids(gids, sentinel, with_counts=True)
+    assert torch.equal(unique[inverse.long()], gids)
+    distinct, want = torch.unique(gids, return_counts=True)
+    k = distinct.numel()
+    assert torch.equal(unique[:k], distinct)
+    assert torch.equal(counts[:k].long(), want)  # the sentinel run is counted too (skipped later)
+    assert bool((counts[k:] == 0).all()) and int(counts.sum()) == gids.numel()
+
+
+def _per_lookup_scores(
+    tb: TieredBackend, gids: torch.Tensor, score: torch.Tensor, record: int, tick: torch.Tensor
+) -> torch.Tensor:
+    """What per-lookup recording (the in-place kernel) would make of ``score``."""
+    out = score.clone()
+    g = gids.long()
+    g = g[(g != tb.sentinel) & (g < tb.num_cached_ids)]
+    if record == RECORD_LFU:
+        out.index_add_(0, g, torch.ones_like(g, dtype=out.dtype))
+    else:
+        out[g] = tick.to(out.dtype)
+    return out
+
+
+def test_gather_unique_matches_reference_and_per_lookup_records(
+    seed: int, batch_of: Batcher
+) -> None:
+    tables = _tables("fp32")
+    _, tb = _pair(tables, seed)
+    assert tb.cache is not None and tb.host is not None
+    cache = tb.cache
+    cache.prewarm([torch.arange(40, 0, -1), torch.arange(31)])
+    cache.tick.fill_(7)
+    kjt = batch_of(tables, 6, 7, seed, hot=5)
+    n = kjt.values.numel()
+    gids = torch.full((n,), tb.sentinel, dtype=tb.gid_dtype)
+    globalize_reference(tb._meta_all, kjt.values, kjt.offsets, 6, gids, tb.sentinel)
+    unique, _, counts = dedup_ids(gids, tb.sentinel, with_counts=True)
+    words = tb.stage_bytes // 4
+    src = tb.host.arena.tensor(torch.int32)
+    for record in (RECORD_LFU, RECORD_LRU):
+        results = []
+        for fn in (gather_unique, gather_unique_reference):
+            out = torch.zeros(n * words, dtype=torch.int32)
+            score = cache.score.clone()
+            stats = torch.zeros_like(cache.stats)
+            tally = torch.zeros(STAT_LANES, 2, dtype=torch.int64)
+            args = [unique, counts, tb.row_bounds, tb.row_meta, src, out, words]
+            if fn is gather_unique:
+                args.append(words)
+            fn(  # type: ignore[operator]
+                *args, tb.sentinel,
+                cache=cache.slots.view(torch.int32), cache_stride_words=cache.slot_bytes // 4,
+                slot_map=cache.slot_map, num_cached=tb.num_cached_ids, score=score,
+                record=record, tick=cache.tick, stats=stats, stat_table=tb._stat_table,
+                tally=tally,
+            )  # fmt: skip
+            results.append((out, score, stats.sum(1), tally.sum(0)))
+        for a, b in zip(results[0], results[1], strict=True):
+            assert torch.equal(a, b), record
+        out, score, stats, tally = results[0]
+        # Every unique host row is staged whole, from the cache or the host alike.
+        rows = out.view(n, words)
+        for u in range(int((unique != tb.sentinel).sum())):
+            g = int(unique[u])
+            k = int(torch.searchsorted(tb.row_bounds[1:], torch.tensor(g), right=True))
+            base, stride, w = (int(x) for x in tb.row_meta[k])
+            want = src[base + (g - int(tb.row_bounds[k])) * stride :][:w]
+            assert torch.equal(rows[u, :w], want), (u, g)
+        # One update per distinct row records the same as one per lookup.
+        assert torch.equal(score, _per_lookup_scores(tb, gids, cache.score, record, cache.tick))
+        lookups = torch.tensor([kjt.key_offsets()[i + 1] - kjt.key_offsets()[i] for i in range(4)])
+        lookups[2] = 0  # c is in HBM
+        assert torch.equal(stats[:, 0], lookups)
+        g = gids.long()[gids.long() != tb.sentinel]
+        cached = g < tb.num_cached_ids
+        hit = torch.zeros_like(cached)
+        hit[cached] = cache.slot_map[g[cached]] >= 0
+        assert int(stats[:, 1].sum()) == int(hit.sum()) > 0
+        assert int(tally[1]) == g.numel()
+        assert int(tally[0]) == torch.unique(g[~hit]).numel()
+
+
+@pytest.mark.parametrize("policy", ["lfu", "lru"])
+def test_dedup_and_inplace_paths_record_alike(policy: str, seed: int, batch_of: Batcher) -> None:
+    """Same outputs, scores, statistics and cache contents whichever path a batch takes."""
+    tables = _tables("fp16")
+    cfg = CacheConfig(policy=policy, capacity_rows=12, refresh_every=2)  # type: ignore[arg-type]
+    backends = {}
+    for path in ("inplace", "dedup"):
+        _, tb = _pair(tables, seed, path=path, cache=cfg)
+        assert tb.cache is not None
+        tb.cache.prewarm([torch.arange(40) % 7, torch.arange(31) % 5])
+        backends[path] = tb
+    for step in range(4):
+        kjt = batch_of(tables, 5, 6, seed + step, hot=4)
+        outs = [
+            tb.pooled(kjt.values, kjt.offsets, 5, None, kjt.key_offsets())
+            for tb in backends.values()
+        ]
+        assert torch.allclose(outs[0], outs[1], rtol=1e-3, atol=1e-3), step
+        caches = [tb.cache for tb in backends.values()]
+        assert caches[0] is not None and caches[1] is not None
+        assert torch.equal(caches[0].score, caches[1].score), step
+        assert torch.equal(caches[0].counts(), caches[1].counts()), step
+        assert torch.equal(caches[0].slot_map, caches[1].slot_map), step
+    assert caches[0].refreshes == 2
 
 
 def test_globalize_and_gather_match_references(seed: int, batch_of: Batcher) -> None:

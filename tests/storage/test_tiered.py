@@ -205,3 +205,40 @@ def test_gpu_paths_match_reference(batch_of: Batcher) -> None:
     stats = tb.cache_stats()
     assert stats["a"]["hits"] > 0 and stats["d"]["hits"] > 0
     tb.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("policy", ["lfu", "lru"])
+def test_gpu_dedup_and_inplace_record_alike(policy: str, batch_of: Batcher) -> None:
+    """On the device: per-lookup (relaxed atomics) and per-distinct-row recording give the same
+    scores and statistics, and both paths the same sums, under heavy repeats."""
+    tables = (
+        TableConfig("a", 4000, 64, placement="host+cache"),
+        TableConfig("b", 3000, 32, placement="host"),
+        TableConfig("d", 2000, 40, placement="host+cache", dtype="int8"),
+    )
+    cfg = CacheConfig(policy=policy, capacity_rows=500, refresh_every=0)  # type: ignore[arg-type]
+    g = torch.Generator().manual_seed(3)
+    counts = [torch.randperm(t.num_rows, generator=g) for t in tables]  # no ties at the edge
+    backends = []
+    for path in ("inplace", "dedup"):
+        tb = TieredBackend(
+            tables,
+            "cuda",
+            options=TieredOptions(cache=cfg, path=path),
+            generator=torch.Generator().manual_seed(5),
+        )
+        tb.prewarm(counts)
+        backends.append(tb)
+    for step in range(3):
+        kjt = batch_of(tables, 512, 40, step, hot=20)
+        v, o = kjt.values.cuda(), kjt.offsets.cuda()
+        outs = [tb.pooled(v, o, 512, None, kjt.key_offsets()) for tb in backends]
+        assert torch.allclose(outs[0], outs[1], rtol=1e-4, atol=1e-4), step
+    caches = [tb.cache for tb in backends]
+    assert caches[0] is not None and caches[1] is not None
+    assert torch.equal(caches[0].score, caches[1].score)
+    assert torch.equal(caches[0].counts(), caches[1].counts())
+    assert int(caches[0].counts()[:, 1].sum()) > 0
+    for tb in backends:
+        tb.close()

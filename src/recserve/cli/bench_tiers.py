@@ -52,7 +52,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--hit-shape", type=_ints, default=(16384, 20), help="batch,pooling of the hit-rate stream"
     )
-    parser.add_argument("--refresh-every", type=int, default=4)
+    parser.add_argument(
+        "--refresh-every",
+        type=int,
+        default=4,
+        help="cache refresh period in batches: of the hit-rate stream, and the period over which "
+        "one refresh's time is amortised in the *_incl_refresh speedups (0: never)",
+    )
+    parser.add_argument(
+        "--prewarm-factor",
+        type=float,
+        default=1.0,
+        help="pre-warm counts come from a sample of this many lookups per table row",
+    )
+    parser.add_argument(
+        "--policies",
+        default="lfu,lru",
+        help="cache policies timed per case (comma-separated; empty: no cache+host variants)",
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU peer threads")
     parser.add_argument("--budget-s", type=float, default=390.0, help="stop starting cases after")
     parser.add_argument("--no-tune", action="store_true")
@@ -106,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
         hit_batches=args.hit_batches,
         hit_shape=tuple(args.hit_shape),
         refresh_every=args.refresh_every,
+        policies=tuple(p for p in args.policies.split(",") if p),
+        prewarm_factor=args.prewarm_factor,
         threads=args.threads,
         device=args.device,
         commit=args.commit,
@@ -115,15 +134,18 @@ def run(args: argparse.Namespace) -> int:
         host_alloc=args.host_alloc,
     )
     result = run_bench(opts)
+    from recserve.storage.bench_report import case_table
+
+    print("\n".join(case_table(result)))
     summary = result["summary"]
     for key, value in summary.items():
         if key == "targets":
             continue
         shown = f"{value:.3f}" if isinstance(value, float) else value
-        print(f"{key:<36} {shown}")
+        print(f"{key:<48} {shown}")
     for key, t in summary["targets"].items():
         value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
-        print(f"target {key:<36} {value} (>= {t['target']}) {'met' if t['met'] else 'NOT met'}")
+        print(f"target {key:<41} {value} (>= {t['target']}) {'met' if t['met'] else 'NOT met'}")
     print(f"wrote {out / 'tiers.json'}")
     bad = [v for c in result["cases"] for v in c["variants"].values() if not v["ok"]]
     return 1 if bad else 0

@@ -6,6 +6,12 @@ path is reported beside it. Targets (issue 4): host ≥ 85% of the copy ceiling 
 bytes (uniform ids, batch ≥ 2048, rows ≥ 256 B) and ≥ 4x the CPU-mediated peer; cache+host on
 Zipf 1.05 with a cache of 10% of the rows ≥ 3x host-only, with a hit rate ≥ 95% of the static
 top-K oracle's.
+
+Cache speedups are lookup path against lookup path (LFU, as the target names, and each other
+timed policy); ``*_incl_refresh`` adds one refresh amortised over ``refresh_every`` batches to
+the cache side. ``cache_page_bound`` is the ratio of distinct host pages that host-only and
+the cache's misses touch: where host reads are bound by pages (see
+``recserve.storage.cost``), no cache of that hit rate can beat host-only by more.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from recserve.storage.bench_tiers import Bench, dump, environment, fitted_rule
+from recserve.storage.cache import POLICIES as CACHE_POLICIES
 
 TARGETS = {
     "host_frac_pcie_uniform_min": 0.85,
@@ -53,10 +60,23 @@ def summarize(bench: Bench) -> dict[str, Any]:
         n, nbytes, span = c["lookups"], float(c["lookups"] * c["row_bytes"]), c["span_bytes"]
         path = rule.choose(n, nbytes, 1.0, c["unique_share"], span)
         c["host"] = _pick(c, ("inplace", "dedup"), path)
-        if "cache_hit" in c:
-            cpath = rule.choose(n, nbytes, 1.0 - c["cache_hit"], c["cache_unique_miss_share"], span)
-            c["cache"] = _pick(c, ("cache_inplace", "cache_dedup"), cpath)
-            c["cache_speedup_vs_host"] = c["host"]["us"] / c["cache"]["us"]
+        every = bench.opts.refresh_every
+        for policy in CACHE_POLICIES:
+            sfx = "" if policy == "lfu" else f"_{policy}"
+            tag = "cache" if policy == "lfu" else f"cache_{policy}"
+            if "cache_hit" + sfx not in c or f"{tag}_inplace" not in c["variants"]:
+                continue
+            miss, um = 1.0 - c["cache_hit" + sfx], c["cache_unique_miss_share" + sfx]
+            cpath = rule.choose(n, nbytes, miss, um, span)
+            pick = _pick(c, (f"{tag}_inplace", f"{tag}_dedup"), cpath)
+            refresh = c.get("cache_refresh_us" + sfx, 0.0) / every if every else 0.0
+            pick["refresh_us_per_batch"] = refresh
+            c[tag] = pick
+            c[f"{tag}_speedup_vs_host"] = c["host"]["us"] / pick["us"]
+            c[f"{tag}_speedup_vs_host_incl_refresh"] = c["host"]["us"] / (pick["us"] + refresh)
+            c[f"{tag}_best_speedup_vs_host"] = c["host"]["best_us"] / pick["best_us"]
+            if c.get("cache_miss_pages" + sfx):
+                c[f"{tag}_page_bound"] = c["host_pages"] / c["cache_miss_pages" + sfx]
         if "cpu_mediated" in c["variants"]:
             c["host_speedup_vs_cpu"] = c["variants"]["cpu_mediated"]["us"] / c["host"]["us"]
 
@@ -75,6 +95,7 @@ def summarize(bench: Bench) -> dict[str, Any]:
         "cache_speedup_vs_host_zipf105": _min([c["cache_speedup_vs_host"] for c in zipf105]),
         "cache_hit_rate_vs_oracle": lfu105[0]["vs_oracle"] if lfu105 else None,
     }
+    worst = min(zipf105, key=lambda c: c["cache_speedup_vs_host"]) if zipf105 else None
     checks = [v["ok"] for c in cases for v in c["variants"].values()]
     summary = {
         **figures,
@@ -93,6 +114,26 @@ def summarize(bench: Bench) -> dict[str, Any]:
         "cache_hit_rate_zipf105_lfu": lfu105[0]["hit_rate"] if lfu105 else None,
         "cache_hit_rate_zipf105_lru": lru105[0]["hit_rate"] if lru105 else None,
         "oracle_hit_rate_zipf105": lfu105[0]["oracle_topk_hit_rate"] if lfu105 else None,
+        "cache_speedup_vs_host_zipf105_lru": _min(
+            [c["cache_lru_speedup_vs_host"] for c in zipf105 if "cache_lru_speedup_vs_host" in c]
+        ),
+        "cache_speedup_vs_host_zipf105_incl_refresh": _min(
+            [c["cache_speedup_vs_host_incl_refresh"] for c in zipf105]
+        ),
+        "cache_speedup_vs_host_zipf105_best": _min(
+            [c["cache_best_speedup_vs_host"] for c in zipf105]
+        ),
+        "cache_speedup_zipf105_worst_case": (
+            f"B={worst['batch']} L={worst['pooling']}" if worst is not None else None
+        ),
+        "cache_page_bound_zipf105_worst_case": worst.get("cache_page_bound") if worst else None,
+        "cache_unique_miss_of_unique_zipf105_worst_case": (
+            worst.get("cache_unique_miss_of_unique") if worst else None
+        ),
+        "cache_refresh_every": bench.opts.refresh_every,
+        "cache_refresh_ms_zipf105": (
+            worst["cache_refresh_us"] / 1e3 if worst and "cache_refresh_us" in worst else None
+        ),
         "checks_passed": f"{sum(checks)}/{len(checks)}",
         "cases_skipped": len(bench.skipped),
         "errors": len(bench.errors),
@@ -133,9 +174,49 @@ def _max(xs: list[float]) -> float | None:
     return max(xs) if xs else None
 
 
+def case_table(result: dict[str, Any]) -> list[str]:
+    """One line per case: host-only (the rule's path), cache+host per policy, CPU peer (µs) and
+    speedups, hit rate, unique misses as a share of unique rows, and host pages touched."""
+    lines = [
+        f"{'dist':<10}{'B':>6}{'L':>4} {'host us':>14} {'LFU us':>14} {'x':>5} {'x+rf':>5} "
+        f"{'LRU us':>14} {'x':>5} {'cpu us':>9} {'hit':>5} {'umiss/u':>7} "
+        f"{'pages host->miss':>17} {'bound':>5} ok"
+    ]
+
+    def cell(pick: dict[str, Any] | None) -> str:
+        if not pick:
+            return f"{'-':>14}"
+        return f"{pick['us']:>9.0f} {pick['path'][:4]:>4}"
+
+    def num(x: float | None, fmt: str, width: int) -> str:
+        return f"{x:{width}{fmt}}" if x is not None else f"{'-':>{width}}"
+
+    for c in result["cases"]:
+        if not c.get("variants") or "host" not in c:
+            continue
+        v = c["variants"]
+        ok = all(x["ok"] for x in v.values())
+        pages = (
+            f"{c['host_pages']:.0f}->{c['cache_miss_pages']:.0f}"
+            if "cache_miss_pages" in c
+            else "-"
+        )
+        lines.append(
+            f"{c['dist']:<10}{c['batch']:>6}{c['pooling']:>4} {cell(c['host'])} "
+            f"{cell(c.get('cache'))} {num(c.get('cache_speedup_vs_host'), '.2f', 5)} "
+            f"{num(c.get('cache_speedup_vs_host_incl_refresh'), '.2f', 5)} "
+            f"{cell(c.get('cache_lru'))} {num(c.get('cache_lru_speedup_vs_host'), '.2f', 5)} "
+            f"{num(v['cpu_mediated']['us'] if 'cpu_mediated' in v else None, '.0f', 9)} "
+            f"{num(c.get('cache_hit'), '.3f', 5)} {num(c.get('cache_unique_miss_of_unique'), '.2f', 7)} "
+            f"{pages:>17} {num(c.get('cache_page_bound'), '.2f', 5)} {'yes' if ok else 'NO'}"
+        )
+    return lines
+
+
 def write_outputs(result: dict[str, Any], out: Path, plot: bool = True) -> None:
     out.mkdir(parents=True, exist_ok=True)
     dump(result, out / "tiers.json")
+    (out / "tiers-table.txt").write_text("\n".join(case_table(result)) + "\n")
     if plot:
         try:
             plot_result(result, out / "tiers.png")

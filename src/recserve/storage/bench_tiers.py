@@ -7,14 +7,22 @@ floats) that every table set views:
 2. tuning: a few launch configurations of the in-place kernel and of the gather kernel;
 3. per id distribution (uniform, Zipf 1.05, Zipf 1.2): pre-warm the shared cache (10% of the
    rows) from access counts of a sample, measure its hit rate over a stream with LFU and LRU
-   against the static top-K oracle, then time every batch x pooling case: in place, dedup,
-   cache+host (both ways) and the CPU-mediated peer, each checked against a float64
-   reference on the CPU first;
+   (refreshed every ``refresh_every`` batches) against the static top-K oracle, then time every
+   batch x pooling case: in place, dedup, cache+host (both ways, per policy of ``policies``,
+   each from the same pre-warmed contents, refresh excluded; one refresh is timed on its own
+   and reported amortised over ``refresh_every`` batches) and the CPU-mediated peer, each
+   checked against a float64 reference on the CPU first;
 4. the same (uniform) for other row sizes;
 5. fit the cost rule to the timings and report what it picks.
 
 Every figure is unique-row bytes over time (what must cross PCIe at least once), as GB/s and as
 a fraction of the copy ceiling. The JSON starts with the ``summary`` the issue's targets name.
+Each cached case also counts the distinct 64 KiB host pages that its unique rows and its unique
+cache misses touch (host reads here pay per distinct page: ``recserve.storage.cost``), whose
+ratio bounds what the cache can gain over a host path that deduplicates. Shares per case:
+``unique_share`` is unique rows / lookups, ``cache_unique_miss_share`` unique missed rows /
+lookups, ``cache_unique_miss_of_unique`` unique missed rows / unique rows (the share of the
+host-only path's rows the cache still has to read from the host).
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from recserve.bench.common import git_commit
 from recserve.config import Placement, TableConfig
 from recserve.kernels.host import TierConfig
 from recserve.loadgen.ids import IdDistribution
+from recserve.storage.cache import POLICIES as CACHE_POLICIES
 from recserve.storage.cache import CacheConfig
 from recserve.storage.cost import PathCost, fit_path_cost
 from recserve.storage.cpu_mediated import CpuMediatedLookup
@@ -53,6 +62,8 @@ INPLACE_CANDIDATES = (
     TierConfig(4, 8, 4),
 )
 GATHER_CANDIDATES = ((16, 4), (32, 4), (64, 4), (32, 8), (64, 8))
+PAGE_BYTES = 1 << 16
+"""Host pages as the page-bound cost model counts them (``PathCost.page_bytes``)."""
 
 
 @dataclass
@@ -72,6 +83,10 @@ class TiersOptions:
     hit_batches: int = 12
     hit_shape: tuple[int, int] = (16384, 20)
     refresh_every: int = 4
+    """Cache refresh period (batches) of the hit-rate stream and of the amortised refresh cost."""
+    policies: tuple[str, ...] = ("lfu", "lru")
+    """Cache policies timed per case (``lfu`` gives the ``cache_*`` variants, others
+    ``cache_<policy>_*``)."""
     prewarm_factor: float = 1.0
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     device: str = "cuda"
@@ -81,6 +96,13 @@ class TiersOptions:
     check_bags: int = 64
     tune: bool = True
     host_alloc: str = "register"
+
+    def __post_init__(self) -> None:
+        bad = [p for p in self.policies if p not in CACHE_POLICIES]
+        if bad:
+            raise ValueError(f"cache policies must be among {list(CACHE_POLICIES)}, got {bad}")
+        if self.refresh_every < 0:
+            raise ValueError("refresh_every must be >= 0 (batches between refreshes; 0: never)")
 
 
 class GpuIds:
@@ -176,6 +198,18 @@ def reference_check(out: torch.Tensor, b: Batch, backend: TieredBackend, bags: i
     if not torch.isfinite(got).all():
         return float("inf")
     return float((got - ref).norm() / ref.norm().clamp(min=1e-30))
+
+
+def host_pages(backend: TieredBackend, gids: torch.Tensor) -> int:
+    """Distinct ``PAGE_BYTES`` pages of host memory that rows ``gids`` (ids of the backend's
+    host id space) lie in."""
+    if gids.numel() == 0:
+        return 0
+    g = gids.long()
+    table = torch.searchsorted(backend.row_bounds[1:].contiguous(), g, right=True)
+    meta = backend.row_meta[table]
+    word = meta[:, 0] + (g - backend.row_bounds[table]) * meta[:, 1]
+    return int(torch.unique(word * 4 // PAGE_BYTES).numel())
 
 
 def _gpu_us(calls: Sequence[Callable[[], object]], reps: int) -> float:
@@ -280,6 +314,7 @@ class Bench:
         self.errors: list[dict[str, str]] = []
         self.ceilings: dict[str, Any] = {"gbps": 1.0}
         self.ceiling = 1.0
+        self.prewarm_counts: list[torch.Tensor] | None = None
 
     def say(self, msg: str) -> None:
         line = f"[{time.perf_counter() - self.t0:7.1f}s] {msg}"
@@ -361,20 +396,12 @@ class Bench:
 
         gpu("inplace", host, "inplace")
         gpu("dedup", host, "dedup")
-        if cached is not None and cached.cache is not None:
-            cache = cached.cache
-            cache.refresh_every = 0
-            gpu("cache_inplace", cached, "inplace")
-            gpu("cache_dedup", cached, "dedup")
-            cache.reset_stats()
-            for s in sets:
-                cached.pooled(s.values, s.offsets, batch, None, s.key_offsets)
-            lookups_seen, hits = (int(x) for x in cache.counts().sum(0))
-            case["cache_hit"] = hits / max(lookups_seen, 1)
-            misses = [s.gids[cache.slot_map[s.gids] < 0] for s in sets]
-            case["cache_unique_miss_share"] = statistics.mean(
-                int(torch.unique(m).numel()) / lookups for m in misses
+        if cached is not None and cached.cache is not None and o.policies:
+            case["host_pages"] = statistics.mean(
+                host_pages(host, torch.unique(s.gids)) for s in sets
             )
+            for policy in o.policies:
+                self._measure_cache(case, cached, policy, sets, gpu)
         if peer is not None:
             first = sets[0]
             out = peer.pooled(
@@ -389,6 +416,44 @@ class Bench:
             ]
             self._record(case, "cpu_mediated", _wall_us(calls, max(1, o.reps // 2)), err)
         return case
+
+    def _measure_cache(
+        self,
+        case: dict[str, Any],
+        cached: TieredBackend,
+        policy: str,
+        sets: Sequence[Batch],
+        gpu: Callable[[str, TieredBackend, str], None],
+    ) -> None:
+        """Time cache+host both ways with ``policy`` from the pre-warmed contents (no refresh
+        while timing), then its hit rate, unique misses, their pages, and one refresh."""
+        cache = cached.cache
+        assert cache is not None
+        batch = case["batch"]
+        tag = "cache" if policy == "lfu" else f"cache_{policy}"
+        sfx = "" if policy == "lfu" else f"_{policy}"
+        cache.refresh_every = 0
+        if self.prewarm_counts is not None:
+            cache.clear()
+            cache.policy = policy  # type: ignore[assignment]
+            cache.prewarm(self.prewarm_counts)
+        elif cache.policy != policy:
+            return  # no counts to pre-warm another policy from
+        gpu(f"{tag}_inplace", cached, "inplace")
+        gpu(f"{tag}_dedup", cached, "dedup")
+        cache.reset_stats()
+        for s in sets:
+            cached.pooled(s.values, s.offsets, batch, None, s.key_offsets)
+        lookups_seen, hits = (int(x) for x in cache.counts().sum(0))
+        case["cache_hit" + sfx] = hits / max(lookups_seen, 1)
+        misses = [torch.unique(s.gids[cache.slot_map[s.gids] < 0]) for s in sets]
+        lookups = case["lookups"]
+        case["cache_unique_miss_share" + sfx] = statistics.mean(m.numel() / lookups for m in misses)
+        case["cache_unique_miss_of_unique" + sfx] = statistics.mean(
+            m.numel() / s.unique_rows for m, s in zip(misses, sets, strict=True)
+        )
+        case["cache_miss_pages" + sfx] = statistics.mean(host_pages(cached, m) for m in misses)
+        case["cache_refresh_us" + sfx] = _gpu_us([cache.refresh], 3)
 
     def _record(self, case: dict[str, Any], name: str, us: float, err: float) -> None:
         gbps = case["unique_bytes"] / us / 1e3
@@ -430,12 +495,14 @@ class Bench:
         if o.tune:
             self.guarded("tune", self.tune, host, tables, cached)
         for i, dist in enumerate(o.dists):
+            self.prewarm_counts = None
             streams = [
                 GpuIds(t.num_rows, dist, o.seed + 100 * i + k, self.device)
                 for k, t in enumerate(tables)
             ]
             masks = [s.hot_mask(capacity // len(tables)) for s in streams]
-            self.guarded(f"cache {dist}", self.cache_experiment, cached, streams, dist, masks)
+            if o.policies:
+                self.guarded(f"cache {dist}", self.cache_experiment, cached, streams, dist, masks)
             for batch in o.batches:
                 for pooling in o.poolings:
                     name = f"{dist} B={batch} L={pooling} rows={o.row_bytes}B"
@@ -446,6 +513,7 @@ class Bench:
                         name, self.measure, host, peer, cached, streams, dist, batch, pooling, masks
                     )
             del streams, masks
+            self.prewarm_counts = None
         peer.close()
         del host, cached, peer
         if self.device.type == "cuda":
@@ -545,6 +613,7 @@ class Bench:
             for first in range(0, n, 1 << 26):
                 c += torch.bincount(s.sample(min(1 << 26, n - first)), minlength=s.num_rows)
             counts.append(c.clamp(max=2**30).int())
+        self.prewarm_counts = counts
         batch, pooling = o.hit_shape
         for policy in ("lru", "lfu"):
             cache.clear()
@@ -615,7 +684,12 @@ def _case_line(name: str, case: dict[str, Any]) -> str:
         f"{k} {v['unique_gbps']:.1f}GB/s{'' if v['ok'] else ' BAD'}"
         for k, v in case["variants"].items()
     ]
-    hit = f" hit {case['cache_hit']:.2f}" if "cache_hit" in case else ""
+    hit = ""
+    for key, label in (("cache_hit", "hit"), ("cache_hit_lru", "lru hit")):
+        if key in case:
+            hit += f" {label} {case[key]:.2f}"
+    if "cache_miss_pages" in case:
+        hit += f" pages {case['host_pages']:.0f}->{case['cache_miss_pages']:.0f}"
     return f"{name}: uniq {case['unique_share']:.2f}{hit} | " + ", ".join(parts)
 
 
@@ -649,9 +723,15 @@ def fitted_rule(cases: list[dict[str, Any]]) -> tuple[PathCost, list[dict[str, f
             ("inplace", "inplace", 1.0, c["unique_share"]),
             ("dedup", "dedup", 1.0, c["unique_share"]),
         ]
-        if "cache_hit" in c:
-            miss, um = 1.0 - c["cache_hit"], c["cache_unique_miss_share"]
-            pairs += [("cache_inplace", "inplace", miss, um), ("cache_dedup", "dedup", miss, um)]
+        for policy in CACHE_POLICIES:
+            sfx = "" if policy == "lfu" else f"_{policy}"
+            tag = "cache" if policy == "lfu" else f"cache_{policy}"
+            if "cache_hit" + sfx in c:
+                miss, um = 1.0 - c["cache_hit" + sfx], c["cache_unique_miss_share" + sfx]
+                pairs += [
+                    (f"{tag}_inplace", "inplace", miss, um),
+                    (f"{tag}_dedup", "dedup", miss, um),
+                ]
         for variant, path, miss, uniq in pairs:
             if variant in c["variants"]:
                 us = c["variants"][variant]["us"]

@@ -4,7 +4,8 @@ Rows of all ``host+cache`` tables are numbered in one id space (table ``t``'s ro
 ``gid_t + r``); the cache holds ``capacity`` of them in HBM slots, wherever they come from, so
 hot rows of any table compete for the same memory. Lookups read hits from the slots and misses
 from host memory in the same kernel launch (:mod:`recserve.kernels.host`), which also records
-every access for the policy:
+every access for the policy (relaxed atomics); a deduplicated batch records each distinct row
+once with its number of lookups instead, which comes to the same scores without atomics:
 
 - ``lfu``: ``score[g]`` counts accesses; each refresh halves all counts (aging), so the cache
   follows a drifting distribution instead of remembering the past forever.
@@ -13,8 +14,10 @@ every access for the policy:
 A refresh (every ``refresh_every`` batches, or when called) makes the cache hold the rows of
 highest score, copying newcomers from host memory; with LRU that is exactly an LRU cache's
 contents at that moment, with LFU the most frequent rows. It runs on the device with fixed-size
-operations: no host sync (:mod:`recserve.kernels.cache`). Pre-warming sets the scores from
-access counts (a log of past requests) and refreshes, so the first requests already hit.
+operations: no host sync (:mod:`recserve.kernels.cache`). It ranks every row of the id space (a
+top-k over all of them: ~5 ms for 64 M rows on an H200), whatever the batch, so its cost per
+batch is that over ``refresh_every``. Pre-warming sets the scores from access counts (a log of
+past requests) and refreshes, so the first requests already hit.
 
 Memory: ``capacity * (slot_bytes + 8)`` for the slots and their owners, plus 8 bytes per row of
 the id space (slot map and score); a refresh needs ~9 bytes per row of scratch.
@@ -58,7 +61,9 @@ class CacheConfig:
     free_fraction: float = 0.5
     """Share of the GPU's free memory to use when neither size nor budget is given."""
     refresh_every: int = 32
-    """Refresh after this many lookups (0: only when :meth:`HbmRowCache.refresh` is called)."""
+    """Refresh after this many lookups (batches; 0: only when :meth:`HbmRowCache.refresh` is
+    called). A refresh costs a top-k over the whole id space, so this trades how fast the cache
+    follows a drifting distribution against that cost per batch."""
     record: bool = True
     """Record accesses on the lookup path (off: the cache keeps its pre-warmed rows)."""
 
@@ -218,7 +223,8 @@ class HbmRowCache:
         self.stats.zero_()
 
     def counts(self) -> torch.Tensor:
-        """``[T, 2]`` lookups and hits per table since the last reset (syncs the host)."""
+        """``[T, 2]`` lookups and hits per table since the last reset (syncs the host); lookups
+        are counted for host tables only (HBM tables report none)."""
         return self.stats.sum(dim=1).cpu()
 
     def occupancy(self) -> int:

@@ -12,7 +12,9 @@ the host rows:
   cost; a row looked up twice crosses PCIe twice);
 - ``dedup``: the batch's host ids are deduplicated on the GPU (sort + scan), each unique row is
   gathered once into an HBM staging buffer, then pooled from there (a fixed cost of a few
-  launches; each unique row crosses PCIe once, in large sorted bursts).
+  launches; each unique row crosses PCIe once, in large sorted bursts). Rows of cached tables
+  are staged from the cache when it holds them (from the host otherwise), and the cache policy
+  records each distinct row once with its count (:func:`recserve.kernels.host.gather_unique`).
 
 The lookup path never synchronises with the host: sizes come from host-side shapes, and the
 cost rule's estimates of unique and cached shares are read back asynchronously from earlier
@@ -36,12 +38,15 @@ from recserve.kernels.host import (
     SENTINEL64,
     SOURCE_HBM,
     SOURCE_HOST,
+    STAT_LANES,
     TIER_FIELDS,
     TierConfig,
     TierGroup,
     dedup_ids,
     gather_rows,
     gather_rows_reference,
+    gather_unique,
+    gather_unique_reference,
     globalize,
     globalize_reference,
     tiered_pooled,
@@ -94,8 +99,12 @@ class _Readback:
         self.event: torch.cuda.Event | None = None
         self.pending = False
 
+    def ready(self) -> bool:
+        """Whether :meth:`push` would take a value now (compute it only then)."""
+        return not self.pending and not torch.cuda.is_current_stream_capturing()
+
     def push(self, values: torch.Tensor) -> None:
-        if self.pending or torch.cuda.is_current_stream_capturing():
+        if not self.ready():
             return
         self.host.copy_(values.double(), non_blocking=True)
         self.event = torch.cuda.Event()
@@ -225,6 +234,8 @@ class TieredBackend(EmbeddingBackend):
             self._groups.append((dtype, self._group(members, single=False)))
         self._single = [self._group([i], single=True) for i in range(len(tables))]
         self._unique_share = _Readback(2) if self.device.type == "cuda" else None
+        self._tally = torch.zeros(STAT_LANES, 2, dtype=torch.int64, device=self.device)
+        self._stat_table = torch.tensor(self.host_order or [0], dtype=torch.int64).to(self.device)
         self._hit_share = _Readback(2) if self.device.type == "cuda" else None
         self.est_unique = 1.0
         self.est_miss = 1.0
@@ -504,29 +515,81 @@ class TieredBackend(EmbeddingBackend):
             )
 
     def _dedup(self, values: torch.Tensor, offsets: torch.Tensor, b: int) -> torch.Tensor:
-        """Gather the batch's unique uncached host rows into staging; returns ``inverse``."""
+        """Gather the batch's unique host rows into staging; returns ``inverse``. With a cache,
+        cached rows are staged from the cache and the policy records each distinct row once."""
         n = values.numel()
         gids = torch.full((n,), self.sentinel, dtype=self.gid_dtype, device=values.device)
-        slot_map = self.cache.slot_map if self.cache is not None else None
         if self.use_triton:
-            globalize(
-                self._meta_all_dev,
-                len(self.tables),
-                values,
-                offsets,
-                b,
-                gids,
+            globalize(self._meta_all_dev, len(self.tables), values, offsets, b, gids, self.sentinel)
+        else:
+            globalize_reference(self._meta_all, values, offsets, b, gids, self.sentinel)
+        share = self._unique_share
+        measure = share is not None and self.options.path == "auto" and share.ready()
+        stage = self._stage_for(n)
+        if self.cache is None:
+            unique, inverse = dedup_ids(gids, self.sentinel)
+            self._gather(unique, stage, self.stage_bytes, None)
+            if measure and share is not None:
+                distinct = (unique != self.sentinel).sum()
+                share.push(torch.stack([distinct, (gids != self.sentinel).sum()]))
+            return inverse
+        unique, inverse, counts = dedup_ids(gids, self.sentinel, with_counts=True)
+        tally = self._tally.zero_() if measure else None
+        self._gather_unique(unique, counts, stage, tally)
+        if tally is not None and share is not None:
+            share.push(tally.sum(0))  # distinct uncached rows, host lookups
+        return inverse
+
+    def _gather_unique(
+        self,
+        unique: torch.Tensor,
+        counts: torch.Tensor,
+        stage: torch.Tensor,
+        tally: torch.Tensor | None,
+    ) -> None:
+        cache = self.cache
+        assert cache is not None
+        kw: dict[str, object] = {
+            "cache_stride_words": cache.slot_bytes // 4,
+            "slot_map": cache.slot_map,
+            "num_cached": self.num_cached_ids,
+            "score": cache.score,
+            "record": cache.record_mode,
+            "tick": cache.tick,
+            "stats": cache.stats,
+            "stat_table": self._stat_table,
+            "tally": tally,
+        }
+        words = self.stage_bytes // 4
+        if self.use_triton:
+            gather_unique(
+                unique,
+                counts,
+                self.row_bounds,
+                self.row_meta,
+                self._arena_arg(torch.int32),
+                stage.view(torch.int32),
+                words,
+                words,
                 self.sentinel,
-                slot_map,
+                cache=cache.slots.view(torch.int32),
+                rows=self.options.gather_rows,
+                num_warps=self.options.gather_warps,
+                **kw,  # type: ignore[arg-type]
             )
         else:
-            globalize_reference(self._meta_all, values, offsets, b, gids, self.sentinel, slot_map)
-        unique, inverse = dedup_ids(gids, self.sentinel)
-        self._gather(unique, self._stage_for(n), self.stage_bytes, None)
-        if self._unique_share is not None and self.options.path == "auto":
-            distinct = (unique != self.sentinel).sum()
-            self._unique_share.push(torch.stack([distinct, (gids != self.sentinel).sum()]))
-        return inverse
+            gather_unique_reference(
+                unique,
+                counts,
+                self.row_bounds,
+                self.row_meta,
+                self._arena_tensor(torch.int32).to(self.device),
+                stage.view(torch.int32),
+                words,
+                self.sentinel,
+                cache=cache.slots.view(torch.int32),
+                **kw,  # type: ignore[arg-type]
+            )
 
     def _choose_path(self, values: torch.Tensor, b: int, key_offsets: list[int] | None) -> str:
         if not self.host_order:
@@ -563,7 +626,8 @@ class TieredBackend(EmbeddingBackend):
                     if lookups > 0:
                         self.est_miss = 0.5 * self.est_miss + 0.5 * (1.0 - hits / lookups)
                 self._last_counts = got
-            self._hit_share.push(self.cache.stats.sum(dim=(0, 1)))
+            if self._hit_share.ready():
+                self._hit_share.push(self.cache.stats.sum(dim=(0, 1)))
 
     def pooled(
         self,
@@ -618,7 +682,8 @@ class TieredBackend(EmbeddingBackend):
     ) -> None:
         dtype = TORCH_DTYPES[dtype_name]
         elem = dtype.itemsize
-        cache = self.cache
+        # After dedup every host row (cached ones included) is in staging, already counted.
+        cache = self.cache if inverse is None else None
         kw: dict[str, object] = {
             "per_sample_weights": weights,
             "stage_stride": self.stage_bytes // elem,
