@@ -93,6 +93,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--out", type=Path, default=None, help="folder (default benchmarks/results/<device>)"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="combine runs over disjoint models (each a bench_serve.json) into one report "
+        "with the summary over all of them, written to --out; measures nothing",
+    )
     p.set_defaults(func=run)
 
 
@@ -100,7 +109,43 @@ def device_slug() -> str:
     return common.device_slug(common.device_label())
 
 
+def merge(paths: list[Path], out_dir: Path, console: Console) -> dict[str, Any]:
+    """One report from runs over disjoint models (same device): models concatenated, summary
+    recomputed over all; device, dates and commits taken from the parts."""
+    parts = [json.loads(p.read_text()) for p in paths]
+    models = [m for part in parts for m in part["models"]]
+    names = [m["model"] for m in models]
+    if len(set(names)) != len(names):
+        raise ValueError(f"the runs overlap: {names}")
+    devices = {part["summary"].get("device") for part in parts}
+    if len(devices) != 1:
+        raise ValueError(f"runs from different devices: {sorted(map(str, devices))}")
+    report = dict(parts[0])
+    report["models"] = models
+    summary = summarize(models)
+    summary["device"] = devices.pop()
+    summary["date"] = max(part["summary"]["date"] for part in parts)
+    commits = list(dict.fromkeys(str(part["summary"].get("commit")) for part in parts))
+    summary["commit"] = commits[0] if len(commits) == 1 else ",".join(commits)
+    summary["merged_from"] = [
+        {"models": [m["model"] for m in part["models"]], **{k: part["summary"].get(k) for k in
+         ("date", "commit")}, "wall_s": part.get("wall_s")}
+        for part in parts
+    ]  # fmt: skip
+    report["summary"] = summary
+    report["wall_s"] = sum(part.get("wall_s") or 0 for part in parts)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench_serve.json").write_text(json.dumps(report, indent=2, default=float))
+    plot(models, out_dir / "bench_serve.png")
+    print_report(console, report)
+    console.print(f"wrote {out_dir / 'bench_serve.json'} and bench_serve.png")
+    return report
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.merge:
+        merge(args.merge, args.out or Path("benchmarks/results") / device_slug(), Console())
+        return 0
     quick = args.quick
     models = args.models or (list(QUICK_MODELS) if quick else list(MODEL_NAMES))
     opts = {
