@@ -18,6 +18,7 @@ for the run, so client and server do not share a GIL. Both sides use the same en
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import re
 import signal
@@ -127,6 +128,82 @@ def closed_loop(
         "seconds": elapsed,
         "threads": threads,
     }
+
+
+def closed_loop_processes(
+    proto: str,
+    url: str,
+    model: str,
+    config: ModelConfig,
+    queries: list[Batch],
+    processes: int,
+    seconds: float,
+) -> dict[str, Any]:
+    """Like :func:`closed_loop` over the network, with one client per process (a Python
+    client's encoding would otherwise share one GIL and limit the load it can offer).
+    Processes start, connect and send one query before the timed window opens for all."""
+    ctx = mp.get_context("spawn")
+    pipes, procs = [], []
+    for k in range(processes):
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(
+            target=_client_process,
+            args=(proto, url, model, config, queries, k, child),
+            daemon=True,
+        )
+        proc.start()
+        pipes.append(parent)
+        procs.append(proc)
+    try:
+        for conn in pipes:
+            if not conn.poll(120) or conn.recv() != "ready":
+                raise RuntimeError("a client process failed to start")
+        start = time.time() + 0.2
+        for conn in pipes:
+            conn.send((start, seconds))
+        results = [conn.recv() for conn in pipes]
+    finally:
+        for proc in procs:
+            proc.join(30)
+            if proc.is_alive():
+                proc.terminate()
+    done = sum(r[0] for r in results)
+    return {
+        "qps": done / seconds,
+        "queries": done,
+        "errors": sum(r[1] for r in results),
+        "seconds": seconds,
+        "threads": processes,
+        "client_processes": processes,
+    }
+
+
+def _client_process(
+    proto: str,
+    url: str,
+    model: str,
+    config: ModelConfig,
+    queries: list[Batch],
+    k: int,
+    conn: Any,
+) -> None:
+    torch.set_num_threads(1)
+    client = HTTPClient(url) if proto == "http" else GRPCClient(url)
+    client.infer(model, config, queries[k % len(queries)])
+    conn.send("ready")
+    start, seconds = conn.recv()
+    while time.time() < start:
+        time.sleep(0.001)
+    stop, done, errors, i = start + seconds, 0, 0, k
+    while time.time() < stop:
+        try:
+            client.infer(model, config, queries[i % len(queries)])
+            done += 1
+        except InferError:
+            errors += 1
+        i += 1
+    client.close()
+    conn.send((done, errors))
 
 
 class ServerProcess:
@@ -338,23 +415,17 @@ def measure_saturation(engine: LocalEngine, server: ServerProcess, name: str,
     """Closed-loop QPS with ``concurrency`` callers: in-process, HTTP, gRPC, interleaved."""
     config = engine.config
 
-    def client_call(cls: Any, url: str) -> Callable[[], Callable[[Batch], Any]]:
-        def make() -> Callable[[Batch], Any]:
-            client = cls(url)
-            return lambda b: client.infer(name, config, b)
-
-        return make
-
-    makers = {
-        "inprocess": lambda: lambda b: engine.submit(b).result(),
-        "http": client_call(HTTPClient, server.http_url),
-        "grpc": client_call(GRPCClient, server.grpc_url),
-    }
-    runs: dict[str, list[dict[str, Any]]] = {p: [] for p in makers}
+    runs: dict[str, list[dict[str, Any]]] = {p: [] for p in ("inprocess", "http", "grpc")}
+    urls = {"http": server.http_url, "grpc": server.grpc_url}
+    seconds = opts.saturation_s / rounds
     for _ in range(rounds):
-        for proto, make in makers.items():
+        runs["inprocess"].append(
+            closed_loop(lambda: lambda b: engine.submit(b).result(), queries, opts.concurrency,
+                        seconds)
+        )  # fmt: skip
+        for proto, url in urls.items():  # clients in processes: the load is not GIL-bound
             runs[proto].append(
-                closed_loop(make, queries, opts.concurrency, opts.saturation_s / rounds)
+                closed_loop_processes(proto, url, name, config, queries, opts.concurrency, seconds)
             )
     result: dict[str, Any] = {"model": name}
     for proto, parts in runs.items():

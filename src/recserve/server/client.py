@@ -15,7 +15,6 @@ from typing import Any
 
 import grpc
 import numpy as np
-import torch
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from recserve.config import ModelConfig
@@ -37,19 +36,24 @@ class InferError(RuntimeError):
 def batch_tensors(
     batch: Batch, config: ModelConfig
 ) -> Iterator[tuple[str, str, list[int], memoryview]]:
-    """``(name, datatype, shape, little-endian bytes)`` of every input tensor of ``batch``."""
+    """``(name, datatype, shape, little-endian bytes)`` of every input tensor of ``batch``.
+
+    Values are views of the batch's own ids (no copy); each feature's offsets are rebased to
+    start at 0 with one small numpy subtraction (host tensors; device ones are copied once)."""
     if config.num_dense:
         dense = batch.dense.detach().cpu().contiguous()
-        yield DENSE, "FP32", list(dense.shape), _bytes(dense)
-    for key in config.feature_keys:
-        values, offsets = batch.sparse.feature(key)
-        values, offsets = values.cpu().contiguous(), offsets.cpu().contiguous()
-        yield f"{key}.{VALUES}", "INT64", [values.numel()], _bytes(values)
-        yield f"{key}.{OFFSETS}", "INT64", [offsets.numel()], _bytes(offsets)
-
-
-def _bytes(t: torch.Tensor) -> memoryview:
-    return t.numpy().reshape(-1).view(np.uint8).data
+        yield DENSE, "FP32", list(dense.shape), dense.numpy().reshape(-1).view(np.uint8).data
+    sparse = batch.sparse
+    if sparse.keys != config.feature_keys:
+        sparse = sparse.select(config.feature_keys)
+    values = sparse.values.detach().cpu().contiguous().numpy()
+    offsets = sparse.offsets.detach().cpu().contiguous().numpy()
+    b = sparse.batch_size
+    for f, key in enumerate(config.feature_keys):
+        o = offsets[f * b : (f + 1) * b + 1]
+        lo, hi = int(o[0]), int(o[-1])
+        yield f"{key}.{VALUES}", "INT64", [hi - lo], values[lo:hi].view(np.uint8).data
+        yield f"{key}.{OFFSETS}", "INT64", [b + 1], (o - lo).view(np.uint8).data
 
 
 class HTTPClient:
