@@ -193,3 +193,18 @@ def test_a_dead_worker_fails_what_it_held_and_the_rest_is_served(model) -> None:
             outcomes.append(type(err).__name__ if err is not None else "ok")
         assert outcomes.count("ok") == 2 and outcomes.count("WorkerDied") == 2
         assert eng.submit(factory.make(2)).result(timeout=30).shape == (2, 1)  # still serving
+
+
+def test_shared_model_file_holds_only_tensors(model, tmp_path) -> None:
+    """A recserve model reaches the workers as config + state dict (restricted unpickler)."""
+    from recserve.engine.shared import load_shared_model, save_shared_model, unlink_shared_model
+
+    path = save_shared_model(model, tmp_path)
+    state = torch.load(path, weights_only=True)  # would raise on anything but tensors
+    assert set(state) == set(model.state_dict())
+    loaded = load_shared_model(path)
+    batch = QueryFactory(model.config, seed=16).make(9)
+    with torch.inference_mode():
+        assert torch.equal(loaded(batch), model(batch))
+    unlink_shared_model(path)
+    assert not any(tmp_path.iterdir())

@@ -35,6 +35,7 @@ from recserve.engine.shared import (
     model_nbytes,
     pick_shared_dir,
     save_shared_model,
+    unlink_shared_model,
 )
 from recserve.loadgen.synthetic import QueryFactory
 from recserve.models.base import RecModel
@@ -184,7 +185,7 @@ class RecEngine:
                 depth=config.cpu_queue_depth,
             )
         finally:
-            path.unlink(missing_ok=True)
+            unlink_shared_model(path)
             staging.unlink()
 
     # -- the InferenceEngine protocol --------------------------------------------------------

@@ -1,14 +1,19 @@
 """One copy of the weights for every CPU worker, and staging buffers they all can read.
 
-The parent saves the model once to a file (``torch.save``, so non-parameter buffers come along)
-and each worker maps it with ``torch.load(mmap=True)``: every process reads the same pages of
-the page cache (or of ``/dev/shm``), so resident memory does not grow with the number of workers
-(:func:`process_memory` reports RSS and PSS to show it). Queries reach the workers through
+The parent saves the model once to a file and each worker maps it with
+``torch.load(mmap=True)``: every process reads the same pages of the page cache (or of
+``/dev/shm``), so resident memory does not grow with the number of workers
+(:func:`process_memory` reports RSS and PSS to show it). A recserve model is saved as its
+config (JSON) and its state dict, read back with ``weights_only=True`` (PyTorch's restricted
+unpickler: tensors only) into a model rebuilt from the config. Any other ``nn.Module`` (a
+user's own) is saved whole and read back unrestricted: the file is the engine's own, written a
+moment before to a private (0600) temporary file and unlinked once the workers have it. Queries reach the workers through
 :class:`StagingArena`, file-backed shared tensors with one slot per open query.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -19,6 +24,8 @@ import torch
 from torch import nn
 
 from recserve.config import ModelConfig
+from recserve.models.base import RecModel
+from recserve.models.registry import build_model
 from recserve.types import Batch, KeyedJagged
 
 
@@ -38,16 +45,33 @@ def model_nbytes(model: nn.Module) -> int:
 
 
 def save_shared_model(model: nn.Module, folder: Path) -> Path:
-    """Write ``model`` (on the CPU) where workers can map it; returns the file."""
+    """Write ``model`` (on the CPU) where workers can map it; returns the file (a recserve
+    model also gets ``<file>.json``, its config)."""
     fd, name = tempfile.mkstemp(prefix="recserve-model-", suffix=".pt", dir=folder)
     os.close(fd)
-    torch.save(model, name)
+    if isinstance(model, RecModel):
+        torch.save(model.state_dict(), name)
+        Path(name + ".json").write_text(json.dumps(model.config.to_dict()))
+    else:
+        torch.save(model, name)
     return Path(name)
+
+
+def unlink_shared_model(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    Path(str(path) + ".json").unlink(missing_ok=True)
 
 
 def load_shared_model(path: str | Path) -> nn.Module:
     """Map a model saved by :func:`save_shared_model` (pages shared with every other mapper)."""
-    model: nn.Module = torch.load(path, mmap=True, weights_only=False)
+    config_file = Path(str(path) + ".json")
+    if not config_file.is_file():  # a user's own module, saved whole by this engine
+        whole: nn.Module = torch.load(path, mmap=True, weights_only=False)
+        return whole.eval()
+    config = ModelConfig.from_dict(json.loads(config_file.read_text()))
+    model = build_model(config, seed=None)  # uninitialised storage, replaced just below
+    state = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+    model.load_state_dict(state, assign=True)
     return model.eval()
 
 
