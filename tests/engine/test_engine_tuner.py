@@ -86,9 +86,23 @@ def test_hill_climb_finds_the_analytic_optimum(best_b: int) -> None:
     result = hill_climb(analytic_measure(best_b), TARGET, SchedConfig(), grids, start_qps=100.0)
     assert result.best.config.sub_batch_size == best_b
     climbed = [c.config.sub_batch_size for c in result.climbed]
-    assert (
-        climbed[-1] == (grids.sub_batch_size[grids.sub_batch_size.index(best_b) + 1])
-    )  # stopped at the drop
+    after = grids.sub_batch_size[grids.sub_batch_size.index(best_b) + 1 :]
+    assert climbed[-1] == after[min(1, len(after) - 1)]  # stopped after two drops (patience 1)
+    strict = hill_climb(analytic_measure(best_b), TARGET, SchedConfig(), grids, 100.0, patience=0)
+    assert [c.config.sub_batch_size for c in strict.climbed][-1] == after[0]  # at the drop
+
+
+def test_hill_climb_goes_past_one_bad_value() -> None:
+    """A value that misses the target outright (or one noisy probe) does not end the climb."""
+    capacity = {8: 80.0, 16: 0.0, 32: 400.0, 64: 900.0, 128: 500.0, None: 100.0}
+
+    def measure(config: SchedConfig, qps: float) -> RunResult:
+        ok = qps <= capacity[config.sub_batch_size]
+        return RunResult(qps, 100, np.full(100, 0.001 if ok else 0.05), duration=1.0)
+
+    grids = Grids(sub_batch_size=(8, 16, 32, 64, 128, None))
+    result = hill_climb(measure, TARGET, SchedConfig(), grids, start_qps=100.0)
+    assert result.best.config.sub_batch_size == 64
 
 
 SIZES = QuerySizes.parse("production").sample(600, np.random.default_rng(0))

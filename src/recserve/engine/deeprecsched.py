@@ -43,16 +43,21 @@ def default_grids(max_items: int, gpu: bool) -> Grids:
 
 @dataclass(frozen=True)
 class ProbePlan:
-    """How long each probe runs: ``seconds`` of arrivals, within ``[min_queries, max_queries]``."""
+    """How long each probe runs: ``seconds`` of arrivals, within ``[min_queries, max_queries]``,
+    but never more than ``max_seconds`` of arrivals (at least ``floor_queries``): at a load of
+    a few QPS, ``min_queries`` would make one probe last a minute."""
 
     seconds: float = 0.5
     min_queries: int = 200
     max_queries: int = 4000
     seed: int = 0
     burstiness: float = 1.0
+    max_seconds: float = 3.0
+    floor_queries: int = 40
 
     def queries(self, qps: float) -> int:
-        return int(np.clip(qps * self.seconds, self.min_queries, self.max_queries))
+        n = float(np.clip(qps * self.seconds, self.min_queries, self.max_queries))
+        return int(min(n, max(self.floor_queries, qps * self.max_seconds)))
 
 
 def engine_measure(

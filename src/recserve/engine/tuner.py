@@ -147,15 +147,15 @@ class LoadSearch:
 
     @staticmethod
     def _load_does_not_matter(found: ConfigResult, target: LatencyTarget) -> bool:
-        """Two failed probes in a row, the lower load kept up with (not aborted, answers at
-        the offered rate) and no faster by 10%: the configuration's own service time misses
+        """Two failed probes in a row, the lower load kept up with (answers at 90% of the
+        offered rate or more) and no faster by 10%: the configuration's own service time misses
         the target, and lower loads would only make slower probes. (An overloaded probe says
         nothing: past saturation every load queues alike.)"""
         if len(found.probes) < 2 or found.probes[-2].passed:
             return False
         low = found.probes[-1].result
-        if low.aborted or (low.duration > 0 and low.achieved_qps < 0.9 * low.offered_qps):
-            return False
+        if low.duration > 0 and low.achieved_qps < 0.9 * low.offered_qps:
+            return False  # it fell behind: overloaded, not too slow
         before, now = (p.result.answered_tail(target.percentile) for p in found.probes[-2:])
         return now > target.seconds and now >= 0.9 * before
 
@@ -186,12 +186,15 @@ def hill_climb(
     start_qps: float,
     search: LoadSearch | None = None,
     incumbent: ConfigResult | None = None,
+    patience: int = 1,
 ) -> TuneResult:
     """DeepRecSched's hill climb: for each knob in turn, try its values in order, each from the
     same cold start load, until the sustainable QPS drops; keep the best and go on.
 
     ``incumbent`` is a configuration already measured (e.g. the CPU-only climb's result when
-    climbing T next): the climb starts from it and compares against it."""
+    climbing T next): the climb starts from it and compares against it. ``patience`` more
+    values are tried after a drop before the knob is left (one noisy probe, or a value that
+    misses the target outright, must not end the climb)."""
     search = search or LoadSearch()
     began = time.perf_counter()
     climbed: list[ConfigResult] = []
@@ -200,6 +203,7 @@ def hill_climb(
     for name, grid in grids.stages():
         if name == "gpu_max_delay" and not config.uses_gpu:
             continue  # nothing is offloaded, so there is nothing to coalesce
+        drops = 0
         for value in grid:
             candidate = config.with_(**{name: value})
             if best is not None and candidate == best.config:
@@ -207,7 +211,11 @@ def hill_climb(
             found = search.run(measure, candidate, target, start_qps)
             climbed.append(found)
             if best is not None and found.qps < best.qps:
-                break
+                drops += 1
+                if drops > patience:
+                    break
+                continue
+            drops = 0
             if best is None or found.qps > best.qps:  # ties keep the earlier, simpler value
                 best = found
         assert best is not None
