@@ -59,6 +59,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--commit", default="", help="commit to record (default: git rev-parse HEAD)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--cases",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="only the plan's cases whose name matches (shell pattern on "
+        "tables/dtype/B<batch>/L<pooling>/<ids>; repeatable)",
+    )
+    parser.add_argument(
+        "--retune",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="tune these buckets again where the selected cases hit them (shell pattern on "
+        "bucket keys, e.g. '*-h?'; repeatable); writes kernels-retuned.json",
+    )
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -97,8 +113,12 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         checks=not args.no_checks,
         ablation=not args.no_ablation,
+        cases=tuple(args.cases),
+        retune=tuple(args.retune),
     )
     result = run_bench(opts)
+    if args.cases or args.retune:
+        _print_tuning(result)
     summary = result["summary"]
     width = max(len(k) for k in summary)
     for key, value in summary.items():
@@ -109,6 +129,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"{len(failed)} device checks FAILED: {failed[:5]}")
     print(f"wrote {opts.out / 'kernels.json'}")
     return 1 if failed else 0
+
+
+def _print_tuning(result: dict[str, Any]) -> None:
+    """What a focused run re-tuned: each bucket's new config, the one it replaced, its cases."""
+    from recserve.kernels.bench.report import config_name
+
+    for row in result["tuning"]:
+        was = config_name(row["before"]["config"]) if row.get("before") else "heuristic"
+        times = ", ".join(f"{name} {us:.1f}us" for name, us in row.get("case_us", {}).items())
+        gains = " ".join(f"{k}={v:.2f}" for k, v in row["gains"].items())
+        print(f"tuned {row['bucket']}: {config_name(row['config'])} (was {was}) | {times}")
+        print(f"    lever gains alone: {gains}")
 
 
 def main(argv: list[str] | None = None) -> int:
