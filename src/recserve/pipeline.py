@@ -108,25 +108,17 @@ class _PinnedStage:
     def stage(self, name: str, *parts: torch.Tensor) -> torch.Tensor:
         """Copy ``parts`` (one dtype) back to back into pinned buffer ``name``; a 1-D view of
         them (or the single part's shape)."""
-        done = self._done[self._turn]
-        if done is not None:
-            done.synchronize()
-            self._done[self._turn] = None
-        bufs = self._buffers[self._turn]
-        buf = bufs.get(name)
         n = sum(p.numel() for p in parts)
-        if buf is None or buf.numel() < n or buf.dtype != parts[0].dtype:
-            buf = torch.empty(max(n, 1024) * 2, dtype=parts[0].dtype, pin_memory=True)
-            bufs[name] = buf
+        buf = self.buffer(name, n, parts[0].dtype)
         start = 0
         for p in parts:
             buf[start : start + p.numel()].copy_(p.reshape(-1))
             start += p.numel()
-        return buf[:n].view(parts[0].shape) if len(parts) == 1 else buf[:n]
+        return buf.view(parts[0].shape) if len(parts) == 1 else buf
 
     def buffer(self, name: str, n: int, dtype: torch.dtype) -> torch.Tensor:
-        """A pinned buffer of ``n`` elements of ``dtype`` in the current set (filled by the
-        caller)."""
+        """A pinned buffer of ``n`` elements of ``dtype`` in the current set (for the caller
+        to fill), once the copies that last read this set are done."""
         done = self._done[self._turn]
         if done is not None:
             done.synchronize()
