@@ -78,7 +78,8 @@ def child(method: str, gib: float) -> dict[str, Any]:
     import torch
     from cuda.bindings import runtime as rt
 
-    from recserve.kernels.host import SENTINEL64, gather_rows
+    from recserve.kernels.gather import gather_rows
+    from recserve.kernels.host import SENTINEL64
     from recserve.storage.host import DevicePointer, HostArena
 
     torch.cuda.init()

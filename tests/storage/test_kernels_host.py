@@ -10,12 +10,7 @@ import torch
 from recserve.config import TableConfig
 from recserve.embedding.backend import TorchBackend
 from recserve.kernels.cache import install, install_reference, plan_refresh
-from recserve.kernels.host import (
-    RECORD_LFU,
-    RECORD_LRU,
-    SENTINEL32,
-    SENTINEL64,
-    STAT_LANES,
+from recserve.kernels.gather import (
     dedup_ids,
     gather_rows,
     gather_rows_reference,
@@ -23,6 +18,13 @@ from recserve.kernels.host import (
     gather_unique_reference,
     globalize,
     globalize_reference,
+)
+from recserve.kernels.host import (
+    RECORD_LFU,
+    RECORD_LRU,
+    SENTINEL32,
+    SENTINEL64,
+    STAT_LANES,
     tiered_pooled,
     tiered_pooled_reference,
 )

@@ -11,7 +11,7 @@ A refresh makes the cache hold the ``C`` rows of highest score:
    are *free*; the i-th admitted row goes to the i-th free slot. There are always at least as
    many free slots as admitted rows (both sets have ``C`` members).
 3. :func:`install` updates both maps; the row data is copied by
-   :func:`recserve.kernels.host.gather_rows` with the slots as destinations.
+   :func:`recserve.kernels.gather.gather_rows` with the slots as destinations.
 
 Everything has a fixed size (no ``nonzero``, no ``.item()``), so a refresh never synchronises
 with the host and can be captured in a CUDA graph.

@@ -14,7 +14,7 @@ the host rows:
   gathered once into an HBM staging buffer, then pooled from there (a fixed cost of a few
   launches; each unique row crosses PCIe once, in large sorted bursts). Rows of cached tables
   are staged from the cache when it holds them (from the host otherwise), and the cache policy
-  records each distinct row once with its count (:func:`recserve.kernels.host.gather_unique`).
+  records each distinct row once with its count (:func:`recserve.kernels.gather.gather_unique`).
 
 The lookup path never synchronises with the host: sizes come from host-side shapes, and the
 cost rule's estimates of unique and cached shares are read back asynchronously from earlier
@@ -33,6 +33,15 @@ import triton
 
 from recserve.config import TORCH_DTYPES, TableConfig
 from recserve.embedding.backend import EmbeddingBackend, check_table_weight, quantize_rowwise
+from recserve.kernels.gather import (
+    dedup_ids,
+    gather_rows,
+    gather_rows_reference,
+    gather_unique,
+    gather_unique_reference,
+    globalize,
+    globalize_reference,
+)
 from recserve.kernels.host import (
     SENTINEL32,
     SENTINEL64,
@@ -42,13 +51,6 @@ from recserve.kernels.host import (
     TIER_FIELDS,
     TierConfig,
     TierGroup,
-    dedup_ids,
-    gather_rows,
-    gather_rows_reference,
-    gather_unique,
-    gather_unique_reference,
-    globalize,
-    globalize_reference,
     tiered_pooled,
     tiered_pooled_reference,
 )
