@@ -27,8 +27,10 @@ def models(repo: Path) -> dict[str, RecModel]:
     return {name: load_model(repo / name) for name in REPO_MODELS}
 
 
-@pytest.fixture(scope="module")
-def server(repo: Path) -> Iterator[ServerThread]:
+@pytest.fixture(scope="module", params=[0, 2], ids=["one-process", "frontends"])
+def server(repo: Path, request: pytest.FixtureRequest) -> Iterator[ServerThread]:
+    """The server answering on its own event loop, then with two front-end processes that
+    decode requests and pass everything else through (the same tests hold for both)."""
     settings = ServerSettings(
         repository=repo,
         models=("wnd", "dlrm-rmc2", "mt-wnd", "ncf", "din"),
@@ -37,6 +39,7 @@ def server(repo: Path) -> Iterator[ServerThread]:
         max_body_bytes=MAX_BODY,
         offload_bytes=64 << 10,
         grace_s=5.0,
+        frontends=request.param,
         serving=ServingConfig(max_items=MAX_ITEMS),
     )
     with ServerThread(settings) as thread:

@@ -123,6 +123,14 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
         "(CPU worker processes + GPU runner; raise --max-inflight-batches to its workers)",
     )
     p.add_argument(
+        "--frontends",
+        type=int,
+        default=d.frontends,
+        help="front-end processes that accept and decode requests and hand decoded batches to "
+        "this one (0: all on this process; raise it when request decoding limits the rate; "
+        "default %(default)s)",
+    )
+    p.add_argument(
         "--grace-s",
         type=float,
         default=d.grace_s,
@@ -155,6 +163,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         grpc_port=None if args.grpc_port < 0 else args.grpc_port,
         max_body_bytes=int(args.max_body_mb * 2**20),
         grace_s=args.grace_s,
+        frontends=args.frontends,
         model_control=not args.no_model_control,
         serving=serving,
     )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import threading
 from collections.abc import Coroutine, Mapping
 from typing import Any, TypeVar
@@ -19,6 +18,7 @@ import torch
 from aiohttp import web
 
 from recserve.server.core import ServerCore
+from recserve.server.frontend import FrontendHub, format_address, listen
 from recserve.server.grpc_service import build_server
 from recserve.server.http_service import build_app
 from recserve.server.repository import EngineFactory, local_engine_factory
@@ -42,6 +42,7 @@ class InferenceServer:
         self._runner: web.AppRunner | None = None
         self._grpc: grpc.aio.Server | None = None
         self._stopping: asyncio.Task[None] | None = None
+        self._hub: FrontendHub | None = None
 
     async def start(self, models: Mapping[str, torch.nn.Module] | None = None) -> None:
         """Load the start-up models (and serve ``models``, in memory), then listen."""
@@ -51,6 +52,10 @@ class InferenceServer:
             await repository.load(name)
         for name, model in (models or {}).items():
             await repository.add(name, model)
+        # With front-end processes, this process's own endpoints move to loopback ports of
+        # their own (the front ends pass everything but infer to them).
+        fronted = settings.frontends > 0
+        host = "127.0.0.1" if fronted else settings.host
         if settings.http_port is not None:
             self._runner = web.AppRunner(
                 build_app(self.core),
@@ -59,15 +64,22 @@ class InferenceServer:
                 auto_decompress=False,
             )
             await self._runner.setup()
-            sock = _listen(settings.host, settings.http_port)
+            sock = listen(host, 0 if fronted else settings.http_port)
             self.http_port = sock.getsockname()[1]
             await web.SockSite(self._runner, sock).start()
         if settings.grpc_port is not None:
             self._grpc = build_server(self.core)
             self.grpc_port = self._grpc.add_insecure_port(
-                format_address(settings.host, settings.grpc_port)
+                format_address(host, 0 if fronted else settings.grpc_port)
             )
             await self._grpc.start()
+        if fronted:
+            private_http = format_address(host, self.http_port) if self.http_port else None
+            private_grpc = format_address(host, self.grpc_port) if self.grpc_port else None
+            self._hub = FrontendHub(self.core, settings)
+            self.http_port, self.grpc_port = await self._hub.start(
+                settings.http_port, settings.grpc_port, private_http, private_grpc
+            )
         self.core.ready = True
         log.info("serving %s", ", ".join(repository.models) or "no models")
 
@@ -79,6 +91,8 @@ class InferenceServer:
 
     async def _stop(self) -> None:
         self.core.ready = False
+        if self._hub is not None:  # front ends finish their requests through this process
+            await self._hub.stop(self.settings.grace_s)
         closing = []
         if self._grpc is not None:
             closing.append(self._grpc.stop(self.settings.grace_s))
@@ -88,16 +102,6 @@ class InferenceServer:
         self.core.draining = True
         await self.core.close()
         log.info("stopped")
-
-
-def format_address(host: str, port: int | None) -> str:
-    """``host:port``, the host in brackets when it is an IPv6 address."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _listen(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return socket.create_server((host, port), family=family, backlog=1024)
 
 
 class ServerThread:

@@ -55,6 +55,10 @@ class ServerCore:
         if not self.settings.model_control:
             raise InvalidArgument("model control is disabled on this server (--no-model-control)")
 
+    async def model(self, name: str, version: str = "") -> ServedModel:
+        """The loaded model ``name`` (``NotFound`` otherwise)."""
+        return self.repository.get(name, version)
+
     async def decode(self, nbytes: int, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)``: inline for small bodies, on a worker thread for large ones."""
         if nbytes < self.settings.offload_bytes:

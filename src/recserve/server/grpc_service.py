@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import grpc.aio
@@ -35,6 +35,9 @@ from recserve.server.protocol import (
 )
 from recserve.server.repository import VERSION
 from recserve.types import Batch
+
+if TYPE_CHECKING:
+    from recserve.server.frontend import FrontendCore
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -102,8 +105,8 @@ def _rpc(
 class KServeServicer:
     """The GRPCInferenceService RPCs recserve implements."""
 
-    def __init__(self, core: ServerCore) -> None:
-        self.core = core
+    def __init__(self, core: ServerCore | FrontendCore) -> None:
+        self.core: Any = core
 
     async def ServerLive(self, request: Any, context: Any) -> service_pb2.ServerLiveResponse:
         return service_pb2.ServerLiveResponse(live=True)
@@ -167,7 +170,7 @@ class KServeServicer:
         core = self.core
         try:
             request, raw = split_infer_request(data)
-            served = core.repository.get(request.model_name, request.model_version)
+            served = await core.model(request.model_name, request.model_version)
         except ServerError as e:
             core.metrics.for_request("", "grpc").failure(e.reason)
             raise
@@ -196,16 +199,30 @@ class KServeServicer:
         return response
 
 
-def build_server(core: ServerCore) -> grpc.aio.Server:
+def build_server(
+    core: ServerCore | FrontendCore, forward: grpc.aio.Channel | None = None
+) -> grpc.aio.Server:
+    """The gRPC server; with ``forward`` (a front-end process), ModelInfer is answered here and
+    every other RPC is passed, as bytes, to the server process over that channel. Front ends
+    share their port (``SO_REUSEPORT``); the server process's own port is not shared."""
     limit = core.settings.max_body_bytes
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 0 if forward is None else 1),
         ]
     )
     servicer = KServeServicer(core)
+    if forward is not None:
+        handlers = {name: _forwarder(forward, name) for name in RPCS}
+        handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
+            servicer.ModelInfer,
+            request_deserializer=None,
+            response_serializer=service_pb2.ModelInferResponse.SerializeToString,
+        )
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        return server
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(
             getattr(servicer, name),
@@ -221,3 +238,16 @@ def build_server(core: ServerCore) -> grpc.aio.Server:
     )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     return server
+
+
+def _forwarder(channel: grpc.aio.Channel, name: str) -> grpc.RpcMethodHandler:
+    call = channel.unary_unary(f"/{SERVICE}/{name}")  # bytes in, bytes out
+
+    async def forward(data: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        try:
+            return await call(data)
+        except grpc.aio.AioRpcError as e:
+            await context.abort(e.code(), e.details() or "")
+            raise AssertionError("unreachable") from e
+
+    return grpc.unary_unary_rpc_method_handler(forward)

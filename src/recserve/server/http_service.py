@@ -23,9 +23,12 @@ import logging
 import time
 import zlib
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
+import aiohttp
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
+from yarl import URL
 
 from recserve.server.core import ServerCore
 from recserve.server.errors import InvalidArgument, PayloadTooLarge, ServerError
@@ -38,17 +41,29 @@ from recserve.server.http_codec import (
 from recserve.server.metrics import CONTENT_TYPE
 from recserve.server.repository import VERSION, ServedModel
 
+if TYPE_CHECKING:
+    from recserve.server.frontend import FrontendCore
+
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def build_app(core: ServerCore) -> web.Application:
+def build_app(core: ServerCore | FrontendCore, proxy: str | None = None) -> web.Application:
+    """The HTTP app; with ``proxy`` (a front-end process), infer is answered here and every
+    other route is passed to the server process's own HTTP endpoint at that ``host:port``."""
     app = web.Application(
         client_max_size=core.settings.max_body_bytes, middlewares=[_errors_as_json]
     )
     h = _Handlers(core)
     router = app.router
+    if proxy is not None:
+        for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+            router.add_post(prefix + "/infer", h.infer)
+        forward = _Proxy(proxy)
+        app.on_cleanup.append(forward.close)
+        router.add_route("*", "/{tail:.*}", forward)
+        return app
     router.add_get("/v2/health/live", h.live)
     router.add_get("/v2/health/ready", h.ready)
     router.add_get("/v2", h.server_metadata)
@@ -86,8 +101,8 @@ async def _errors_as_json(request: web.Request, handler: Handler) -> web.StreamR
 
 
 class _Handlers:
-    def __init__(self, core: ServerCore) -> None:
-        self.core = core
+    def __init__(self, core: ServerCore | FrontendCore) -> None:
+        self.core: Any = core
 
     async def live(self, request: web.Request) -> web.Response:
         return web.Response(status=200)
@@ -125,10 +140,13 @@ class _Handlers:
         return web.Response(body=self.core.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     async def infer(self, request: web.Request) -> web.Response:
+        """KServe v2 infer; ``core`` is the server's :class:`ServerCore`, or a front-end
+        process's :class:`~recserve.server.frontend.FrontendCore`."""
         start = time.perf_counter()
         core = self.core
+        info = request.match_info
         try:
-            served = self._model(request)
+            served = await core.model(info["name"], info.get("version", ""))
         except ServerError as e:
             core.metrics.for_request("", "http").failure(e.reason)
             raise
@@ -165,6 +183,35 @@ class _Handlers:
     def _model(self, request: web.Request) -> ServedModel:
         info = request.match_info
         return self.core.repository.get(info["name"], info.get("version", ""))
+
+
+_HOP_HEADERS = frozenset(
+    ("host", "content-length", "transfer-encoding", "connection", "keep-alive", "upgrade")
+)
+
+
+class _Proxy:
+    """Passes a request to the server process's HTTP endpoint as it came, and its answer back
+    (front-end processes: everything but infer; bodies and encodings untouched)."""
+
+    def __init__(self, target: str) -> None:
+        self.base = f"http://{target}"
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __call__(self, request: web.Request) -> web.Response:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(auto_decompress=False)
+        body = await request.read()
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
+        url = URL(self.base + request.raw_path, encoded=True)  # as sent: no normalising of '..'
+        async with self._session.request(request.method, url, headers=headers, data=body) as answer:
+            data = await answer.read()
+            out = {k: v for k, v in answer.headers.items() if k.lower() not in _HOP_HEADERS}
+            return web.Response(status=answer.status, body=data, headers=out)
+
+    async def close(self, app: web.Application | None = None) -> None:
+        if self._session is not None:
+            await self._session.close()
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes | bytearray:

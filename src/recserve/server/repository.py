@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 VERSION = "1"
 PLATFORM = "recserve_torch"
 CONFIG_FILE = "config.json"
+_GENERATIONS = itertools.count(1)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
 
 EngineFactory = Callable[[torch.nn.Module, ServingConfig], InferenceEngine]
@@ -97,6 +99,8 @@ class ServedModel:
     engine: InferenceEngine
     batcher: DynamicBatcher
     ready: bool = True
+    generation: int = field(default_factory=lambda: next(_GENERATIONS))
+    """Tells one load of a model from the next (front-end processes cache signatures by it)."""
 
     def metadata(self) -> dict[str, Any]:
         """KServe v2 model metadata."""

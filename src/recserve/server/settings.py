@@ -95,6 +95,11 @@ class ServerSettings:
     offload_bytes: int = 1 << 20
     """Bodies at least this large are decoded and validated on a worker thread, so large
     requests never stall the event loop."""
+    frontends: int = 0
+    """Front-end processes that accept connections on the public ports, decode and validate
+    requests, and hand decoded batches to this process (:mod:`recserve.server.frontend`); 0
+    answers everything on this process's event loop. Raise it when request decoding, not the
+    model, limits throughput (small requests at high rates)."""
     decode_threads: int = 2
     """Threads that decode large bodies and join batches."""
     grace_s: float = 30.0
@@ -103,3 +108,7 @@ class ServerSettings:
     """Whether the load/unload endpoints are enabled."""
     serving: ServingConfig = field(default_factory=ServingConfig)
     """Defaults for every model."""
+
+    def __post_init__(self) -> None:
+        if self.frontends < 0:
+            raise ValueError("server settings: frontends must be >= 0")

@@ -1,0 +1,549 @@
+"""Front-end processes: more than one event loop reading, decoding and validating requests.
+
+One Python process answers requests on one event loop, and that loop shares the GIL with the
+engine's threads; past a few hundred requests per second, parsing HTTP and gRPC and decoding
+tens of tensors per request is the limit, not the model. With ``ServerSettings.frontends = N``
+the server process starts N front-end processes that all accept connections on the public ports
+(``SO_REUSEPORT``: the kernel spreads connections over them). Each front end decodes and
+validates its infer requests exactly as the server process would, then hands the decoded batch
+(dense, ids, offsets: three arrays) to the server process over a unix socket
+(:mod:`recserve.server.ipc`); the server process runs it through the model's dynamic batcher
+and engine and sends the scores back. Every other route and RPC (health, metadata, config,
+repository load/unload, ``/metrics``) is passed through to the server process's own endpoints,
+which listen on loopback ports of their own, so there is one repository and one set of metrics.
+
+A front end caches each model's signature (config and item limit) with the load generation it
+came from; the server process refuses a batch decoded against an older load (503, retry) and
+the front end fetches the signature again. On shutdown the server process asks every front end
+to stop accepting and finish its in-flight requests, which it keeps answering, before it drains
+its own engines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import itertools
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from recserve.config import ModelConfig
+from recserve.server import ipc
+from recserve.server.batching import Result
+from recserve.server.errors import (
+    InvalidArgument,
+    NotFound,
+    PayloadTooLarge,
+    QueueFull,
+    ServerError,
+    Unavailable,
+)
+from recserve.server.protocol import ModelSignature
+from recserve.server.settings import ServerSettings
+from recserve.types import Batch, KeyedJagged
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_ERRORS: dict[str, type[ServerError]] = {
+    cls.__name__: cls
+    for cls in (ServerError, InvalidArgument, NotFound, PayloadTooLarge, QueueFull, Unavailable)
+}
+
+
+def format_address(host: str, port: int | None) -> str:
+    """``host:port``, the host in brackets when it is an IPv6 address."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def listen(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=1024, reuse_port=reuse_port)
+
+
+def _hold_port(host: str, port: int) -> socket.socket:
+    """A bound, not listening, ``SO_REUSEPORT`` socket: fixes the port (``0``: a free one) for
+    the front ends to bind too, and never receives a connection itself."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+# ----------------------------------------------------------------------------- server side
+
+
+def batch_from_frame(config: ModelConfig, meta: dict[str, Any], data: bytearray) -> Batch:
+    """The batch a front end sent: views of the frame's binary part, no copies."""
+    keys = config.feature_keys
+    try:
+        b, n = int(meta["b"]), int(meta["n_values"])
+        pos = meta["arrays"]
+        values = ipc.array(data, pos[1], "<i8", n)
+        offsets = ipc.array(data, pos[2], "<i8", len(keys) * b + 1)
+        nd = config.num_dense
+        dense = (
+            torch.from_numpy(ipc.array(data, pos[0], "<f4", b * nd).reshape(b, nd))
+            if nd
+            else torch.zeros((b, 0), dtype=torch.float32)
+        )
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        raise InvalidArgument(f"malformed batch from a front-end process: {e}") from None
+    sparse = KeyedJagged(keys, torch.from_numpy(values), torch.from_numpy(offsets), b)
+    sparse.key_offsets()
+    return Batch(dense, sparse)
+
+
+class FrontendHub:
+    """The server process's side: starts the front ends and answers them."""
+
+    def __init__(self, core: Any, settings: ServerSettings) -> None:
+        self.core = core  # ServerCore (not imported: core imports the repository, which is heavy)
+        self.settings = settings
+        self.processes: list[Any] = []
+        """The front-end processes (``multiprocessing.Process``), by index."""
+        self.restarts = 0
+        self._specs: list[FrontendSpec] = []
+        self._replacing: set[asyncio.Task[None]] = set()
+        self._links: list[_Link] = []
+        self._ready = 0
+        self._changed = asyncio.Event()
+        self._dir: str | None = None
+        self._ipc: asyncio.AbstractServer | None = None
+        self._stopping = False
+
+    async def start(
+        self,
+        http_port: int | None,
+        grpc_port: int | None,
+        private_http: str | None,
+        private_grpc: str | None,
+        timeout_s: float = 300.0,
+    ) -> tuple[int | None, int | None]:
+        """Start the front ends on the public ports; returns those ports (``0`` resolved)."""
+        host, count = self.settings.host, self.settings.frontends
+        holders = []
+        try:
+            if http_port is not None:
+                holders.append(_hold_port(host, http_port))
+                http_port = holders[-1].getsockname()[1]
+            if grpc_port is not None:
+                holders.append(_hold_port(host, grpc_port))
+                grpc_port = holders[-1].getsockname()[1]
+            self._dir = tempfile.mkdtemp(prefix="recserve-")
+            path = os.path.join(self._dir, "frontends.sock")
+            loop = asyncio.get_running_loop()
+            self._ipc = await loop.create_unix_server(lambda: _Link(self).proto, path)
+            for index in range(count):
+                spec = FrontendSpec(
+                    index, path, self.settings, http_port, grpc_port, private_http, private_grpc
+                )
+                self._specs.append(spec)
+                self.processes.append(_spawn(spec))
+            deadline = time.monotonic() + timeout_s
+            while self._ready < count:
+                for index, proc in enumerate(self.processes):
+                    if not proc.is_alive():
+                        raise RuntimeError(
+                            f"front-end process {index} exited with code {proc.exitcode} "
+                            "before it was ready (see its log above)"
+                        )
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"front-end processes not ready within {timeout_s} s")
+                self._changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), 0.2)
+        except BaseException:
+            await self.stop(0.0)
+            raise
+        finally:
+            for sock in holders:
+                sock.close()
+        return http_port, grpc_port
+
+    async def stop(self, grace_s: float) -> None:
+        """Ask every front end to stop accepting and finish its requests; wait for them."""
+        self._stopping = True
+        if self._replacing:
+            await asyncio.gather(*self._replacing, return_exceptions=True)
+        for link in self._links:
+            link.proto.send({"op": "stop", "grace_s": grace_s})
+
+        def join() -> None:
+            deadline = time.monotonic() + grace_s + 15
+            for proc in self.processes:
+                proc.join(max(0.0, deadline - time.monotonic()))
+                if proc.is_alive():
+                    log.warning("front-end process %s did not stop; terminating it", proc.name)
+                    proc.terminate()
+                    proc.join(5)
+
+        await asyncio.to_thread(join)
+        if self._ipc is not None:
+            self._ipc.close()
+            await self._ipc.wait_closed()
+            self._ipc = None
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def _on_ready(self, link: _Link, index: int) -> None:
+        link.index = index
+        self._ready += 1
+        self._changed.set()
+
+    def _on_lost(self, link: _Link) -> None:
+        if link in self._links:
+            self._links.remove(link)
+        self._changed.set()
+        if self._stopping or link.index is None:
+            return
+        self._ready -= 1
+        task = asyncio.ensure_future(self._replace(link.index))
+        self._replacing.add(task)
+        task.add_done_callback(self._replacing.discard)
+
+    async def _replace(self, index: int) -> None:
+        """A front end died (its connection closed while serving): start another in its place;
+        the others keep the ports open meanwhile."""
+        old = self.processes[index]
+        await asyncio.to_thread(old.join, 10)
+        log.error("front-end process %d exited (code %s); starting a new one", index, old.exitcode)
+        if not self._stopping:
+            self.restarts += 1
+            self.processes[index] = _spawn(self._specs[index])
+
+
+class _Link:
+    """One front end's connection, on the server process's event loop."""
+
+    def __init__(self, hub: FrontendHub) -> None:
+        self.hub = hub
+        self.proto = ipc.FrameProtocol(self._on_frame, lambda: hub._on_lost(self))
+        hub._links.append(self)
+        self.index: int | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _on_frame(self, meta: dict[str, Any], data: bytearray) -> None:
+        op = meta.get("op")
+        if op == "infer":
+            task = asyncio.ensure_future(self._infer(meta, data))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        elif op == "stat":
+            metrics = self.hub.core.metrics.for_request(meta["model"], meta["protocol"])
+            if meta["ok"]:
+                metrics.success(meta["items"], meta["queue_s"], meta["compute_s"], meta["total_s"])
+            else:
+                metrics.failure(meta["reason"])
+        elif op == "model":
+            self._model(meta)
+        elif op == "ready":
+            self.hub._on_ready(self, int(meta["index"]))
+        else:
+            log.error("unknown message %r from a front-end process", op)
+
+    def _model(self, meta: dict[str, Any]) -> None:
+        try:
+            served = self.hub.core.repository.get(meta["model"], meta["version"])
+        except ServerError as e:
+            self.proto.send(_error_meta(meta["id"], e))
+            return
+        self.proto.send(
+            {
+                "id": meta["id"],
+                "name": served.name,
+                "config": served.config.to_dict(),
+                "max_items": served.serving.max_items,
+                "generation": served.generation,
+            }
+        )
+
+    async def _infer(self, meta: dict[str, Any], data: bytearray) -> None:
+        call = meta["id"]
+        try:
+            core = self.hub.core
+            served = core.repository.get(meta["model"], meta["version"])
+            if served.generation != meta["generation"]:
+                raise _Stale(
+                    f"model {served.name!r} was reloaded while the request was being decoded; retry"
+                )
+            result = await core.infer(served, batch_from_frame(served.config, meta, data))
+            scores = result.scores.numpy()
+            reply = {"id": call, "queue_s": result.queue_s, "compute_s": result.compute_s}
+            self.proto.send({**reply, "shape": list(scores.shape)}, [scores])
+        except ServerError as e:
+            self.proto.send(_error_meta(call, e))
+        except Exception as e:
+            log.exception("infer from a front-end process failed")
+            self.proto.send(
+                _error_meta(call, ServerError(f"internal error: {type(e).__name__}: {e}"))
+            )
+
+
+def _spawn(spec: FrontendSpec) -> Any:
+    proc = mp.get_context("spawn").Process(
+        target=frontend_main, args=(spec,), name=f"recserve-frontend-{spec.index}", daemon=True
+    )
+    proc.start()
+    return proc
+
+
+class _Stale(Unavailable):
+    """The front end decoded against a load of the model that is gone."""
+
+
+def _error_meta(call: int, error: ServerError) -> dict[str, Any]:
+    name = next(c.__name__ for c in type(error).__mro__ if c.__name__ in _ERRORS)
+    return {
+        "id": call,
+        "error": name,
+        "message": str(error),
+        "stale": isinstance(error, (_Stale, NotFound)),
+    }
+
+
+# -------------------------------------------------------------------------- front-end side
+
+
+@dataclass(frozen=True)
+class FrontendSpec:
+    """What one front-end process is started with."""
+
+    index: int
+    ipc_path: str
+    settings: ServerSettings
+    http_port: int | None
+    grpc_port: int | None
+    private_http: str | None
+    """``host:port`` of the server process's own HTTP endpoint (everything but infer)."""
+    private_grpc: str | None
+
+
+@dataclass
+class RemoteModel:
+    """What a front end knows of a served model: enough to decode and validate its requests."""
+
+    name: str
+    signature: ModelSignature
+    generation: int
+    version: str = ""
+
+
+class _RemoteRequestMetrics:
+    def __init__(self, core: FrontendCore, model: str, protocol: str) -> None:
+        self.core, self.model, self.protocol = core, model, protocol
+
+    def success(self, items: int, queue_s: float, compute_s: float, total_s: float) -> None:
+        stat = {"items": items, "queue_s": queue_s, "compute_s": compute_s, "total_s": total_s}
+        self.core.send(
+            {"op": "stat", "model": self.model, "protocol": self.protocol, "ok": True, **stat}
+        )
+
+    def failure(self, reason: str) -> None:
+        meta = {"op": "stat", "model": self.model, "protocol": self.protocol, "ok": False}
+        self.core.send({**meta, "reason": reason})
+
+
+class _RemoteMetrics:
+    def __init__(self, core: FrontendCore) -> None:
+        self.core = core
+
+    def for_request(self, model: str, protocol: str) -> _RemoteRequestMetrics:
+        return _RemoteRequestMetrics(self.core, model, protocol)
+
+
+class FrontendCore:
+    """What the infer handlers use in a front end (the same calls as
+    :class:`~recserve.server.core.ServerCore`): decode here, infer in the server process."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.metrics = _RemoteMetrics(self)
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            settings.decode_threads, thread_name_prefix="recserve-decode"
+        )
+        self.stopping = asyncio.Event()
+        self.grace_s = settings.grace_s
+        self._models: dict[tuple[str, str], RemoteModel] = {}
+        self._calls: dict[int, asyncio.Future[tuple[dict[str, Any], bytearray]]] = {}
+        self._ids = itertools.count()
+        self._proto: ipc.FrameProtocol | None = None
+
+    async def connect(self, path: str) -> None:
+        proto = ipc.FrameProtocol(self._on_frame, self._on_lost)
+        await asyncio.get_running_loop().create_unix_connection(lambda: proto, path)
+        self._proto = proto
+
+    def send(self, meta: dict[str, Any], arrays: tuple[np.ndarray, ...] = ()) -> bool:
+        return self._proto is not None and self._proto.send(meta, arrays)
+
+    async def model(self, name: str, version: str = "") -> RemoteModel:
+        found = self._models.get((name, version))
+        return found if found is not None else await self._fetch(name, version)
+
+    async def _fetch(self, name: str, version: str) -> RemoteModel:
+        meta, _ = await self._call({"op": "model", "model": name, "version": version})
+        config = ModelConfig.from_dict(meta["config"])
+        found = RemoteModel(
+            meta["name"], ModelSignature(config, meta["max_items"]), meta["generation"], version
+        )
+        self._models[(name, version)] = found
+        return found
+
+    async def decode(self, nbytes: int, fn: Callable[..., T], *args: Any) -> T:
+        if nbytes < self.settings.offload_bytes:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def infer(self, served: RemoteModel, batch: Batch) -> Result:
+        """Run ``batch`` (decoded against ``served``) in the server process. When the model was
+        reloaded meanwhile with the same signature, the batch is still valid and goes again."""
+        try:
+            return await self._infer(served, batch)
+        except ServerError as e:
+            if not getattr(e, "stale", False):
+                raise
+            self._models = {k: m for k, m in self._models.items() if m is not served}
+            if isinstance(e, NotFound):
+                raise
+        fresh = await self._fetch(served.name, served.version)
+        old, new = served.signature, fresh.signature
+        if old.config != new.config or old.max_items != new.max_items:
+            raise Unavailable(f"model {served.name!r} was reloaded with a new signature; retry")
+        return await self._infer(fresh, batch)
+
+    async def _infer(self, served: RemoteModel, batch: Batch) -> Result:
+        sparse = batch.sparse
+        meta = {
+            "op": "infer",
+            "model": served.name,
+            "version": served.version,
+            "generation": served.generation,
+            "b": batch.batch_size,
+            "n_values": sparse.values.numel(),
+        }
+        arrays = (batch.dense.numpy(), sparse.values.numpy(), sparse.offsets.numpy())
+        reply, data = await self._call(meta, arrays)
+        scores = ipc.array(data, reply["arrays"][0], "<f4", int(np.prod(reply["shape"])))
+        return Result(
+            torch.from_numpy(scores.reshape(reply["shape"])), reply["queue_s"], reply["compute_s"]
+        )
+
+    async def _call(
+        self, meta: dict[str, Any], arrays: tuple[np.ndarray, ...] = ()
+    ) -> tuple[dict[str, Any], bytearray]:
+        call = next(self._ids)
+        future: asyncio.Future[tuple[dict[str, Any], bytearray]]
+        future = asyncio.get_running_loop().create_future()
+        self._calls[call] = future
+        if not self.send({**meta, "id": call}, arrays):
+            self._calls.pop(call, None)
+            raise Unavailable("the server process is gone")
+        reply, data = await future
+        if "error" in reply:
+            error = _ERRORS.get(reply["error"], ServerError)(reply["message"])
+            error.stale = reply.get("stale", False)  # type: ignore[attr-defined]
+            raise error
+        return reply, data
+
+    def _on_frame(self, meta: dict[str, Any], data: bytearray) -> None:
+        if meta.get("op") == "stop":
+            self.grace_s = float(meta.get("grace_s", self.grace_s))
+            self.stopping.set()
+            return
+        future = self._calls.pop(meta.get("id", -1), None)
+        if future is not None and not future.done():
+            future.set_result((meta, data))
+
+    def _on_lost(self) -> None:
+        self._proto = None
+        for future in self._calls.values():
+            if not future.done():
+                future.set_exception(Unavailable("the server process is gone"))
+                future.exception()  # its caller may be gone too (shutdown): nothing to log
+        self._calls.clear()
+        self.grace_s = 0.0
+        self.stopping.set()
+
+    def close(self) -> None:
+        if self._proto is not None and self._proto.transport is not None:
+            self._proto.transport.close()
+        self.executor.shutdown(wait=False)
+
+
+def frontend_main(spec: FrontendSpec) -> None:
+    """Entry point of a front-end process (``multiprocessing`` spawn)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the server decides
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(1)
+    asyncio.run(_serve_frontend(spec))
+
+
+async def _serve_frontend(spec: FrontendSpec) -> None:
+    import grpc.aio
+    from aiohttp import web
+
+    from recserve.server.grpc_service import build_server
+    from recserve.server.http_service import build_app
+
+    settings = spec.settings
+    core = FrontendCore(settings)
+    await core.connect(spec.ipc_path)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, core.stopping.set)
+    runner, server, channel = None, None, None
+    if spec.http_port is not None:
+        assert spec.private_http is not None
+        runner = web.AppRunner(
+            build_app(core, proxy=spec.private_http),
+            access_log=None,
+            shutdown_timeout=settings.grace_s,
+            auto_decompress=False,
+        )
+        await runner.setup()
+        sock = listen(settings.host, spec.http_port, reuse_port=True)
+        await web.SockSite(runner, sock).start()
+    if spec.grpc_port is not None:
+        assert spec.private_grpc is not None
+        limit = settings.max_body_bytes
+        channel = grpc.aio.insecure_channel(
+            spec.private_grpc,
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+            ],
+        )
+        server = build_server(core, forward=channel)
+        server.add_insecure_port(format_address(settings.host, spec.grpc_port))
+        await server.start()
+    core.send({"op": "ready", "index": spec.index})
+    await core.stopping.wait()
+    closing = []
+    if server is not None:
+        closing.append(server.stop(core.grace_s))
+    if runner is not None:
+        closing.append(runner.cleanup())
+    await asyncio.gather(*closing)
+    if channel is not None:
+        await channel.close()
+    core.close()

@@ -1,0 +1,82 @@
+"""Front-end processes: the frame format they speak, and a front end that dies is replaced."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+from server_helpers import query, reference, wait_until
+
+from recserve.models import build_model
+from recserve.server import InvalidArgument, ServerSettings, ServerThread, ipc
+from recserve.server.client import GRPCClient, HTTPClient
+from recserve.server.frontend import batch_from_frame
+
+
+def test_frames_round_trip_through_the_protocol() -> None:
+    """Frames split at every byte boundary arrive whole, arrays aligned and equal."""
+    arrays = [
+        np.arange(5, dtype=np.float32),  # 20 bytes: padded to 24
+        np.array([], dtype=np.int64),
+        np.arange(-3, 4, dtype=np.int64),
+    ]
+    wire = b"".join(bytes(p) for p in ipc.frame({"op": "x", "k": [1, 2]}, arrays))
+    wire += b"".join(bytes(p) for p in ipc.frame({"op": "y"}))
+    for step in (1, 3, 7, 64, len(wire)):
+        got: list[tuple[dict, bytearray]] = []
+        proto = ipc.FrameProtocol(lambda meta, data, got=got: got.append((meta, data)))
+        pos = 0
+        while pos < len(wire):
+            buf = proto.get_buffer(-1)
+            n = min(step, len(buf), len(wire) - pos)
+            buf[:n] = wire[pos : pos + n]
+            proto.buffer_updated(n)
+            pos += n
+        assert len(got) == 2, step
+    assert [m["op"] for m, _ in got] == ["x", "y"]
+    meta, data = got[0]
+    assert meta["k"] == [1, 2] and all(off % 8 == 0 for off in meta["arrays"])
+    for a, off in zip(arrays, meta["arrays"], strict=True):
+        np.testing.assert_array_equal(ipc.array(data, off, a.dtype.str, a.size), a)
+    assert got[1][1] == bytearray()
+
+
+def test_batch_from_frame_equals_the_batch_sent() -> None:
+    model = build_model("dlrm-rmc2", "tiny")
+    batch = query(model.config, 5)
+    sparse = batch.sparse
+    parts = ipc.frame(
+        {"b": 5, "n_values": sparse.values.numel()},
+        [batch.dense.numpy(), sparse.values.numpy(), sparse.offsets.numpy()],
+    )
+    meta = json.loads(bytes(parts[1]))
+    data = bytearray(b"".join(bytes(p) for p in parts[2:]))
+    got = batch_from_frame(model.config, meta, data)
+    np.testing.assert_array_equal(reference(model, got), reference(model, batch))
+    with pytest.raises(InvalidArgument, match="malformed batch"):
+        batch_from_frame(model.config, {**meta, "n_values": 10**6}, data)
+
+
+def test_a_dead_front_end_is_replaced_and_serving_goes_on() -> None:
+    model = build_model("wnd", "tiny", seed=3)
+    settings = ServerSettings(http_port=0, grpc_port=0, frontends=2, grace_s=5.0)
+    batch = query(model.config, 6)
+    expected = reference(model, batch)
+    with ServerThread(settings, models={"wnd": model}) as server:
+        hub = server.server._hub
+        assert hub is not None and len(hub.processes) == 2
+        victim = hub.processes[0]
+        os.kill(victim.pid, signal.SIGKILL)
+        wait_until(lambda: hub.restarts == 1 and hub.processes[0] is not victim, 30)
+        wait_until(lambda: hub._ready == 2, 60)
+        assert hub.processes[0].is_alive() and hub.processes[1].is_alive()
+        for _ in range(6):  # fresh connections land on either front end
+            for client in (HTTPClient(server.http_url), GRPCClient(server.grpc_url)):
+                np.testing.assert_allclose(
+                    client.infer("wnd", model.config, batch), expected, rtol=1e-6
+                )
+                client.close()
+    assert not any(p.is_alive() for p in hub.processes)
