@@ -93,7 +93,7 @@ def test_serve_rejects_missing_repository(
 def test_bench_server_writes_summary_first(tmp_path: Path) -> None:
     opts = BenchOptions(
         preset="tiny", iters=5, warmup=1, concurrency=2, saturation_s=0.5, soak_s=2.0,
-        soak_warmup_s=0.5, out=tmp_path, name="bench_server_test", device="cpu",
+        soak_warmup_s=0.5, out=tmp_path, name="bench_server_test", device="cpu", frontends=1,
     )  # fmt: skip
     path, _ = run_bench(opts)
     assert path == tmp_path / "cpu" / "bench_server_test.json"
@@ -110,7 +110,7 @@ def test_bench_server_writes_summary_first(tmp_path: Path) -> None:
         math.isfinite(v) for k, v in summary.items() if k not in ("device", "date", "commit")
     )
     assert data["soak"]["failures"] == 0 and data["soak"]["queries"] > 0
-    assert data["shutdown"]["returncode"] == 0
+    assert data["shutdown"]["returncode"] == 0 and data["options"]["frontends"] == 1
     for name in ("wnd", "dlrm-rmc2"):
         for proto in ("http", "grpc"):
             assert data["latency"][name][proto]["max_abs_diff_vs_inprocess"] < 1e-5

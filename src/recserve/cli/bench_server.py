@@ -65,6 +65,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--device", default=d.device, help="cpu, cuda or auto")
     p.add_argument("--workers", type=int, default=d.workers, help="engine worker threads")
     p.add_argument(
+        "--frontends",
+        type=int,
+        default=None,
+        help="server front-end processes (default min(4, cores / 4))",
+    )
+    p.add_argument(
         "--intra-op-threads",
         type=int,
         default=d.intra_op_threads,
@@ -87,6 +93,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         soak_load=args.soak_load,
         device=args.device,
         workers=args.workers,
+        frontends=args.frontends,
         intra_op_threads=args.intra_op_threads,
         out=args.out,
         name="bench_server_quick" if args.quick else "bench_server",

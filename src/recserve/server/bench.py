@@ -64,6 +64,9 @@ class BenchOptions:
     soak_warmup_s: float = 60.0
     device: str = "auto"
     workers: int = 1
+    frontends: int | None = None
+    """Front-end processes of the server (None: ``min(4, cpu_count // 4)``, 0 on small
+    machines); the in-process engine is the same either way."""
     intra_op_threads: int = 1
     """Torch threads per engine worker, in-process and in the server alike (and of both
     processes' other threads: validation, clients)."""
@@ -206,6 +209,31 @@ def _client_process(
     conn.send((done, errors))
 
 
+def resolve_frontends(frontends: int | None) -> int:
+    return min(4, (os.cpu_count() or 1) // 4) if frontends is None else frontends
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except FileNotFoundError:
+        return 0
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return out
+
+
 class ServerProcess:
     """``python -m recserve.server`` on ephemeral loopback ports."""
 
@@ -216,6 +244,7 @@ class ServerProcess:
             "--workers", str(opts.workers), "--max-body-mb", "512",
             "--max-items", str(max(4096, opts.batch)), "--max-queue", str(64 * opts.concurrency),
             "--log-level", "WARNING", "--intra-op-threads", str(opts.intra_op_threads),
+            "--frontends", str(resolve_frontends(opts.frontends)),
             "--torch-threads", str(opts.intra_op_threads),
         ]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
@@ -239,11 +268,8 @@ class ServerProcess:
             pass
 
     def rss_bytes(self) -> int:
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmRSS")
+        """Resident memory of the server process and its children (front ends)."""
+        return sum(_rss(pid) for pid in [self.proc.pid, *_children(self.proc.pid)])
 
     def stop(self) -> dict[str, Any]:
         start = time.perf_counter()
@@ -361,7 +387,8 @@ def run_bench(opts: BenchOptions) -> tuple[Path, dict[str, Any]]:
     if device.type == "cpu":
         notes.append("CPU only: client, server and engine share the machine's cores")
     body = {
-        "options": {**asdict(opts), "out": str(opts.out), "device": str(device)},
+        "options": {**asdict(opts), "out": str(opts.out), "device": str(device),
+                    "frontends": resolve_frontends(opts.frontends)},
         "latency": latency,
         "saturation": saturation,
         "soak": soak_result,
