@@ -73,10 +73,12 @@ def test_a_dead_front_end_is_replaced_and_serving_goes_on() -> None:
         wait_until(lambda: hub.restarts == 1 and hub.processes[0] is not victim, 30)
         wait_until(lambda: hub._ready == 2, 60)
         assert hub.processes[0].is_alive() and hub.processes[1].is_alive()
-        for _ in range(6):  # fresh connections land on either front end
+        before = dict(hub.handed)
+        for _ in range(6):  # fresh connections: HTTP ones alternate between the front ends
             for client in (HTTPClient(server.http_url), GRPCClient(server.grpc_url)):
                 np.testing.assert_allclose(
                     client.infer("wnd", model.config, batch), expected, rtol=1e-6
                 )
                 client.close()
+        assert {i: hub.handed[i] - before.get(i, 0) for i in (0, 1)} == {0: 3, 1: 3}
     assert not any(p.is_alive() for p in hub.processes)

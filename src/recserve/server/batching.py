@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
+from recserve.engine.batching import concat_batches as join_batches
 from recserve.engine.interface import EngineClosed, InferenceEngine, Overloaded
 from recserve.server.errors import QueueFull, ServerError, Unavailable
-from recserve.types import Batch, KeyedJagged
+from recserve.types import Batch
 
 
 def concat_batches(batches: Sequence[Batch]) -> Batch:
@@ -31,29 +32,7 @@ def concat_batches(batches: Sequence[Batch]) -> Batch:
     keys = batches[0].sparse.keys
     if any(b.sparse.keys != keys for b in batches):
         raise ValueError("cannot join batches with different sparse features")
-    weighted = batches[0].sparse.weights is not None
-    values, weights = [], []
-    offsets = [torch.zeros(1, dtype=torch.int64)]
-    base = 0
-    for f in range(len(keys)):
-        for batch in batches:
-            kj, b = batch.sparse, batch.batch_size
-            start, stop = kj.key_offsets()[f : f + 2]
-            values.append(kj.values[start:stop])
-            offsets.append(kj.offsets[f * b + 1 : (f + 1) * b + 1] - start + base)
-            if weighted:
-                assert kj.weights is not None
-                weights.append(kj.weights[start:stop])
-            base += stop - start
-    sparse = KeyedJagged(
-        keys,
-        torch.cat(values),
-        torch.cat(offsets),
-        sum(b.batch_size for b in batches),
-        torch.cat(weights) if weighted else None,
-    )
-    sparse.key_offsets()
-    return Batch(torch.cat([b.dense for b in batches]), sparse)
+    return join_batches(batches, keys)
 
 
 @dataclass

@@ -3,8 +3,10 @@
 One Python process answers requests on one event loop, and that loop shares the GIL with the
 engine's threads; past a few hundred requests per second, parsing HTTP and gRPC and decoding
 tens of tensors per request is the limit, not the model. With ``ServerSettings.frontends = N``
-the server process starts N front-end processes that all accept connections on the public ports
-(``SO_REUSEPORT``: the kernel spreads connections over them). Each front end decodes and
+the server process starts N front-end processes that take the public ports' connections: the
+server process accepts each HTTP connection and hands it to the front ends in turn (its file
+descriptor, over a socket pair), and the front ends share the gRPC port (``SO_REUSEPORT``: the
+kernel spreads connections over them by a hash). Each front end decodes and
 validates its infer requests exactly as the server process would, then hands the decoded batch
 (dense, ids, offsets: three arrays) to the server process over a unix socket
 (:mod:`recserve.server.ipc`); the server process runs it through the model's dynamic batcher
@@ -24,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import itertools
 import logging
 import multiprocessing as mp
@@ -33,6 +36,7 @@ import signal
 import socket
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -124,6 +128,12 @@ class FrontendHub:
         self.restarts = 0
         self._specs: list[FrontendSpec] = []
         self._replacing: set[asyncio.Task[None]] = set()
+        self._http: socket.socket | None = None
+        self._accepting: asyncio.Future[None] | None = None
+        self._handoff: list[socket.socket] = []
+        self._ready_indices: set[int] = set()
+        self.handed: Counter[int] = Counter()
+        """HTTP connections handed to each front end."""
         self._links: list[_Link] = []
         self._ready = 0
         self._changed = asyncio.Event()
@@ -144,8 +154,9 @@ class FrontendHub:
         holders = []
         try:
             if http_port is not None:
-                holders.append(_hold_port(host, http_port))
-                http_port = holders[-1].getsockname()[1]
+                self._http = listen(host, http_port)
+                self._http.setblocking(False)
+                http_port = self._http.getsockname()[1]
             if grpc_port is not None:
                 holders.append(_hold_port(host, grpc_port))
                 grpc_port = holders[-1].getsockname()[1]
@@ -154,11 +165,16 @@ class FrontendHub:
             loop = asyncio.get_running_loop()
             self._ipc = await loop.create_unix_server(lambda: _Link(self).proto, path)
             for index in range(count):
+                ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                ours.setblocking(False)
+                self._handoff.append(ours)
                 spec = FrontendSpec(
-                    index, path, self.settings, http_port, grpc_port, private_http, private_grpc
-                )
+                    index, path, self.settings, http_port is not None, grpc_port,
+                    private_http, private_grpc, theirs,
+                )  # fmt: skip
                 self._specs.append(spec)
                 self.processes.append(_spawn(spec))
+                theirs.close()  # the child has its own copy
             deadline = time.monotonic() + timeout_s
             while self._ready < count:
                 for index, proc in enumerate(self.processes):
@@ -178,11 +194,40 @@ class FrontendHub:
         finally:
             for sock in holders:
                 sock.close()
+        if self._http is not None:
+            self._accepting = asyncio.ensure_future(self._accept(self._http))
         return http_port, grpc_port
+
+    async def _accept(self, listener: socket.socket) -> None:
+        """Hand each HTTP connection to the next front end in turn (``SCM_RIGHTS``): a few
+        long-lived client connections spread evenly, which ``SO_REUSEPORT``'s hashing does not
+        promise."""
+        loop = asyncio.get_running_loop()
+        turn = 0
+        while True:
+            conn, _ = await loop.sock_accept(listener)
+            with conn:
+                for _ in range(len(self._handoff)):
+                    index = turn % len(self._handoff)
+                    turn += 1
+                    if index in self._ready_indices:
+                        try:
+                            socket.send_fds(self._handoff[index], [b"c"], [conn.fileno()])
+                            self.handed[index] += 1
+                        except OSError as e:
+                            log.warning("cannot hand a connection to front end %d: %s", index, e)
+                            continue
+                        break
 
     async def stop(self, grace_s: float) -> None:
         """Ask every front end to stop accepting and finish its requests; wait for them."""
         self._stopping = True
+        if self._accepting is not None:
+            self._accepting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accepting
+        if self._http is not None:
+            self._http.close()
         if self._replacing:
             await asyncio.gather(*self._replacing, return_exceptions=True)
         for link in self._links:
@@ -205,9 +250,13 @@ class FrontendHub:
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
+        for sock in self._handoff:
+            sock.close()
+        self._handoff.clear()
 
     def _on_ready(self, link: _Link, index: int) -> None:
         link.index = index
+        self._ready_indices.add(index)
         self._ready += 1
         self._changed.set()
 
@@ -218,6 +267,7 @@ class FrontendHub:
         if self._stopping or link.index is None:
             return
         self._ready -= 1
+        self._ready_indices.discard(link.index)
         task = asyncio.ensure_future(self._replace(link.index))
         self._replacing.add(task)
         task.add_done_callback(self._replacing.discard)
@@ -230,7 +280,14 @@ class FrontendHub:
         log.error("front-end process %d exited (code %s); starting a new one", index, old.exitcode)
         if not self._stopping:
             self.restarts += 1
-            self.processes[index] = _spawn(self._specs[index])
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            ours.setblocking(False)
+            self._handoff[index].close()
+            self._handoff[index] = ours
+            spec = dataclasses.replace(self._specs[index], handoff=theirs)
+            self._specs[index] = spec
+            self.processes[index] = _spawn(spec)
+            theirs.close()
 
 
 class _Link:
@@ -332,11 +389,14 @@ class FrontendSpec:
     index: int
     ipc_path: str
     settings: ServerSettings
-    http_port: int | None
+    http: bool
+    """Whether to serve HTTP: connections come over ``handoff``, accepted by the server
+    process."""
     grpc_port: int | None
     private_http: str | None
     """``host:port`` of the server process's own HTTP endpoint (everything but infer)."""
     private_grpc: str | None
+    handoff: socket.socket | None = None
 
 
 @dataclass
@@ -512,8 +572,8 @@ async def _serve_frontend(spec: FrontendSpec) -> None:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, core.stopping.set)
     runner, server, channel = None, None, None
-    if spec.http_port is not None:
-        assert spec.private_http is not None
+    if spec.http:
+        assert spec.private_http is not None and spec.handoff is not None
         runner = web.AppRunner(
             build_app(core, proxy=spec.private_http),
             access_log=None,
@@ -521,8 +581,7 @@ async def _serve_frontend(spec: FrontendSpec) -> None:
             auto_decompress=False,
         )
         await runner.setup()
-        sock = listen(settings.host, spec.http_port, reuse_port=True)
-        await web.SockSite(runner, sock).start()
+        _take_connections(spec.handoff, runner)
     if spec.grpc_port is not None:
         assert spec.private_grpc is not None
         limit = settings.max_body_bytes
@@ -547,3 +606,33 @@ async def _serve_frontend(spec: FrontendSpec) -> None:
     if channel is not None:
         await channel.close()
     core.close()
+
+
+def _take_connections(handoff: socket.socket, runner: Any) -> None:
+    """Serve every connection the server process hands over on ``handoff`` with ``runner``'s
+    HTTP server (as if this process had accepted it)."""
+    loop = asyncio.get_running_loop()
+    handoff.setblocking(False)
+    pending: set[asyncio.Task[Any]] = set()
+
+    def receive() -> None:
+        try:
+            _, fds, _, _ = socket.recv_fds(handoff, 64, 32)
+        except BlockingIOError:
+            return
+        except OSError:
+            fds = []
+        if not fds:  # the server process closed its end
+            loop.remove_reader(handoff)
+            return
+        for fd in fds:
+            sock = socket.socket(fileno=fd)
+            if runner.server is None:  # shutting down
+                sock.close()
+                continue
+            sock.setblocking(False)
+            task = loop.create_task(loop.connect_accepted_socket(runner.server, sock))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+
+    loop.add_reader(handoff, receive)
