@@ -171,6 +171,18 @@ class ModelSignature:
 
     def check_input(self, name: Any, datatype: Any, shape: Sequence[Any]) -> tuple[int, ...]:
         """Check one tensor's header against the signature; returns its shape as a tuple."""
+        spec = self._specs.get(name) if isinstance(name, str) else None
+        if (  # the common, well-formed case in a few operations; errors take the long way
+            spec is not None
+            and datatype == spec.datatype
+            and isinstance(shape, (list, tuple))
+            and len(shape) == len(spec.shape)
+            and all(
+                type(got) is int and got >= 0 and want in (-1, got)
+                for want, got in zip(spec.shape, shape)  # noqa: B905 (lengths checked)
+            )
+        ):
+            return tuple(shape)
         if not isinstance(name, str):
             raise InvalidArgument(f"input names must be strings, got {name!r}")
         spec = self._specs.get(name)
