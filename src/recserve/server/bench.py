@@ -288,51 +288,56 @@ def soak(
     warmup_s: float,
     threads: int,
     seed: int,
+    processes: int = 4,
 ) -> dict[str, Any]:
-    """Open-loop Poisson arrivals at ``qps``; latency from each query's scheduled arrival."""
-    rng = np.random.default_rng(seed)
-    local = threading.local()
-    latencies: list[float] = []
-    failures: list[str] = []
-    lock = threading.Lock()
-
-    def issue(i: int, arrival: float) -> None:
-        if not hasattr(local, "clients"):
-            local.clients = (HTTPClient(server.http_url), GRPCClient(server.grpc_url))
-        try:
-            local.clients[i % 2].infer(model, config, queries[i % len(queries)])
-            with lock:
-                latencies.append(time.perf_counter() - arrival)
-        except (InferError, OSError) as e:
-            with lock:
-                failures.append(type(e).__name__ + ": " + str(e)[:100])
-
-    rss: list[tuple[float, int]] = []
-    start = time.perf_counter()
-    next_sample = start
-    arrival = start
-    i = 0
-    with ThreadPoolExecutor(threads) as pool:
-        while arrival < start + seconds:
-            now = time.perf_counter()
-            if now >= next_sample:
-                rss.append((now - start, server.rss_bytes()))
-                next_sample += 1.0
-            if arrival > now:
-                time.sleep(min(arrival - now, 0.05))
-                continue
-            pool.submit(issue, i, arrival)
-            i += 1
-            arrival += rng.exponential(1.0 / qps)
-    rss.append((time.perf_counter() - start, server.rss_bytes()))
+    """Open-loop Poisson arrivals at ``qps`` (HTTP and gRPC alternating), latency from each
+    query's scheduled arrival, the server's memory sampled every second. Arrivals come from
+    ``processes`` client processes at ``qps / processes`` each (together a Poisson stream at
+    ``qps``), so the clients' own GIL does not hold the offered load back."""
+    ctx = mp.get_context("spawn")
+    pipes, procs = [], []
+    per_process = max(1, threads // processes)
+    for k in range(processes):
+        parent, child = ctx.Pipe()
+        args = (server.http_url, server.grpc_url, model, config, queries, qps / processes,
+                per_process, seed + k, k, child)  # fmt: skip
+        proc = ctx.Process(target=_soak_process, args=args, daemon=True)
+        proc.start()
+        pipes.append(parent)
+        procs.append(proc)
+    try:
+        for conn in pipes:
+            if not conn.poll(120) or conn.recv() != "ready":
+                raise RuntimeError("a soak client process failed to start")
+        begin = time.time() + 0.2
+        for conn in pipes:
+            conn.send((begin, seconds))
+        while time.time() < begin:
+            time.sleep(0.001)
+        start = time.perf_counter()
+        rss: list[tuple[float, int]] = []
+        while (now := time.perf_counter()) < start + seconds:
+            rss.append((now - start, server.rss_bytes()))
+            time.sleep(max(0.0, start + len(rss) - time.perf_counter()))
+        results = [conn.recv() for conn in pipes]
+        elapsed = time.perf_counter() - start
+        rss.append((elapsed, server.rss_bytes()))
+    finally:
+        for proc in procs:
+            proc.join(60)
+            if proc.is_alive():
+                proc.terminate()
+    latencies = [x for r in results for x in r["latencies"]]
+    failures = [x for r in results for x in r["failures"]]
     after_warmup = next(r for t, r in rss if t >= min(warmup_s, seconds / 2))
     growth = (rss[-1][1] - after_warmup) / after_warmup
     return {
         "target_qps": qps,
-        "achieved_qps": len(latencies) / (time.perf_counter() - start),
+        "achieved_qps": len(latencies) / elapsed,
         "seconds": seconds,
         "warmup_s": min(warmup_s, seconds / 2),
-        "queries": i,
+        "queries": sum(r["issued"] for r in results),
+        "client_processes": processes,
         "failures": len(failures),
         "failure_examples": failures[:5],
         "latency": percentiles(latencies) if latencies else {},
@@ -341,6 +346,54 @@ def soak(
         "rss_growth_frac": growth,
         "rss_samples": [[round(t, 1), r] for t, r in rss],
     }
+
+
+def _soak_process(
+    http_url: str,
+    grpc_url: str,
+    model: str,
+    config: ModelConfig,
+    queries: list[Batch],
+    qps: float,
+    threads: int,
+    seed: int,
+    k: int,
+    conn: Any,
+) -> None:
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(seed)
+    local = threading.local()
+    latencies: list[float] = []
+    failures: list[str] = []
+    lock = threading.Lock()
+
+    def issue(i: int, arrival: float) -> None:
+        if not hasattr(local, "clients"):
+            local.clients = (HTTPClient(http_url), GRPCClient(grpc_url))
+        try:
+            local.clients[i % 2].infer(model, config, queries[i % len(queries)])
+            with lock:
+                latencies.append(time.perf_counter() - arrival)
+        except (InferError, OSError) as e:
+            with lock:
+                failures.append(type(e).__name__ + ": " + str(e)[:100])
+
+    conn.send("ready")
+    begin, seconds = conn.recv()
+    while time.time() < begin:
+        time.sleep(0.001)
+    start = time.perf_counter()
+    arrival, i = start, k
+    with ThreadPoolExecutor(threads) as pool:
+        while arrival < start + seconds:
+            now = time.perf_counter()
+            if arrival > now:
+                time.sleep(min(arrival - now, 0.05))
+                continue
+            pool.submit(issue, i, arrival)
+            i += 1
+            arrival += rng.exponential(1.0 / qps)
+    conn.send({"latencies": latencies, "failures": failures, "issued": i - k})
 
 
 def run_bench(opts: BenchOptions) -> tuple[Path, dict[str, Any]]:
