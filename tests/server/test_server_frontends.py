@@ -82,3 +82,27 @@ def test_a_dead_front_end_is_replaced_and_serving_goes_on() -> None:
                 client.close()
         assert {i: hub.handed[i] - before.get(i, 0) for i in (0, 1)} == {0: 3, 1: 3}
     assert not any(p.is_alive() for p in hub.processes)
+
+
+def test_arena_first_fit_reuses_freed_space(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    arena = ipc.Arena(str(tmp_path / "a"), 1024)
+    a, b, c = arena.alloc(100), arena.alloc(200), arena.alloc(300)
+    assert a == (0, 128) and b == (128, 384) and c == (384, 704)
+    assert arena.alloc(400) is None  # 320 bytes left at the end
+    arena.free(b)
+    assert arena.alloc(256) == (128, 384)  # the freed gap, lowest address first
+    arena.free(a)
+    arena.free(c)
+    placed = arena.write([np.arange(3, dtype=np.float32), np.arange(5, dtype=np.int64)])
+    assert placed is not None
+    (start, end), offsets = placed
+    assert start == 0 and offsets == [0, 16]
+    view = arena.view((start, end))
+    np.testing.assert_array_equal(ipc.array(view, 16, "<i8", 5), np.arange(5))
+    other = ipc.Arena(arena.path, 1024, create=False)  # the server process's mapping
+    np.testing.assert_array_equal(ipc.array(other.view((start, end)), 0, "<f4", 3), np.arange(3))
+    with pytest.raises(ValueError, match="outside the arena"):
+        other.view((1000, 2000))
+    del view
+    arena.close()
+    other.close()

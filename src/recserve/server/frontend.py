@@ -96,7 +96,9 @@ def _hold_port(host: str, port: int) -> socket.socket:
 # ----------------------------------------------------------------------------- server side
 
 
-def batch_from_frame(config: ModelConfig, meta: dict[str, Any], data: bytearray) -> Batch:
+def batch_from_frame(
+    config: ModelConfig, meta: dict[str, Any], data: bytearray | memoryview
+) -> Batch:
     """The batch a front end sent: views of the frame's binary part, no copies."""
     keys = config.feature_keys
     try:
@@ -138,6 +140,7 @@ class FrontendHub:
         self._ready = 0
         self._changed = asyncio.Event()
         self._dir: str | None = None
+        self._arenas: str | None = None
         self._ipc: asyncio.AbstractServer | None = None
         self._stopping = False
 
@@ -162,6 +165,8 @@ class FrontendHub:
                 grpc_port = holders[-1].getsockname()[1]
             self._dir = tempfile.mkdtemp(prefix="recserve-")
             path = os.path.join(self._dir, "frontends.sock")
+            shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+            self._arenas = tempfile.mkdtemp(prefix="recserve-", dir=shm)
             loop = asyncio.get_running_loop()
             self._ipc = await loop.create_unix_server(lambda: _Link(self).proto, path)
             for index in range(count):
@@ -170,7 +175,7 @@ class FrontendHub:
                 self._handoff.append(ours)
                 spec = FrontendSpec(
                     index, path, self.settings, http_port is not None, grpc_port,
-                    private_http, private_grpc, theirs,
+                    private_http, private_grpc, theirs, self._arenas,
                 )  # fmt: skip
                 self._specs.append(spec)
                 self.processes.append(_spawn(spec))
@@ -247,9 +252,10 @@ class FrontendHub:
             self._ipc.close()
             await self._ipc.wait_closed()
             self._ipc = None
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
+        for folder in (self._dir, self._arenas):
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+        self._dir = self._arenas = None
         for sock in self._handoff:
             sock.close()
         self._handoff.clear()
@@ -261,6 +267,8 @@ class FrontendHub:
         self._changed.set()
 
     def _on_lost(self, link: _Link) -> None:
+        if link.arena is not None:
+            link.arena.close()
         if link in self._links:
             self._links.remove(link)
         self._changed.set()
@@ -298,6 +306,7 @@ class _Link:
         self.proto = ipc.FrameProtocol(self._on_frame, lambda: hub._on_lost(self))
         hub._links.append(self)
         self.index: int | None = None
+        self.arena: ipc.Arena | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     def _on_frame(self, meta: dict[str, Any], data: bytearray) -> None:
@@ -315,6 +324,8 @@ class _Link:
         elif op == "model":
             self._model(meta)
         elif op == "ready":
+            if meta.get("arena"):
+                self.arena = ipc.Arena(meta["arena"], int(meta["arena_size"]), create=False)
             self.hub._on_ready(self, int(meta["index"]))
         else:
             log.error("unknown message %r from a front-end process", op)
@@ -344,7 +355,14 @@ class _Link:
                 raise _Stale(
                     f"model {served.name!r} was reloaded while the request was being decoded; retry"
                 )
-            result = await core.infer(served, batch_from_frame(served.config, meta, data))
+            if "shm" in meta:  # the arrays are in the front end's arena, not in the frame
+                if self.arena is None:
+                    raise InvalidArgument("a front end sent arena data without an arena")
+                view = self.arena.view(meta["shm"])
+                batch = batch_from_frame(served.config, meta, view)
+            else:
+                batch = batch_from_frame(served.config, meta, data)
+            result = await core.infer(served, batch)
             scores = result.scores.numpy()
             reply = {"id": call, "queue_s": result.queue_s, "compute_s": result.compute_s}
             self.proto.send({**reply, "shape": list(scores.shape)}, [scores])
@@ -397,6 +415,8 @@ class FrontendSpec:
     """``host:port`` of the server process's own HTTP endpoint (everything but infer)."""
     private_grpc: str | None
     handoff: socket.socket | None = None
+    arena_dir: str | None = None
+    """Where to create the shared-memory arena requests' arrays go through."""
 
 
 @dataclass
@@ -436,8 +456,9 @@ class FrontendCore:
     """What the infer handlers use in a front end (the same calls as
     :class:`~recserve.server.core.ServerCore`): decode here, infer in the server process."""
 
-    def __init__(self, settings: ServerSettings) -> None:
+    def __init__(self, settings: ServerSettings, arena: ipc.Arena | None = None) -> None:
         self.settings = settings
+        self.arena = arena
         self.metrics = _RemoteMetrics(self)
         self.executor = concurrent.futures.ThreadPoolExecutor(
             settings.decode_threads, thread_name_prefix="recserve-decode"
@@ -503,7 +524,17 @@ class FrontendCore:
             "n_values": sparse.values.numel(),
         }
         arrays = (batch.dense.numpy(), sparse.values.numpy(), sparse.offsets.numpy())
-        reply, data = await self._call(meta, arrays)
+        arena = self.arena
+        placed = arena.write(arrays) if arena is not None else None
+        if placed is None:  # no arena, or it is full: the arrays go in the frame
+            reply, data = await self._call(meta, arrays)
+        else:
+            block, offsets = placed
+            try:
+                reply, data = await self._call({**meta, "shm": block, "arrays": offsets})
+            finally:  # the server process has answered: it reads the block no more
+                assert arena is not None
+                arena.free(block)
         scores = ipc.array(data, reply["arrays"][0], "<f4", int(np.prod(reply["shape"])))
         return Result(
             torch.from_numpy(scores.reshape(reply["shape"])), reply["queue_s"], reply["compute_s"]
@@ -549,6 +580,10 @@ class FrontendCore:
         if self._proto is not None and self._proto.transport is not None:
             self._proto.transport.close()
         self.executor.shutdown(wait=False)
+        if self.arena is not None:
+            self.arena.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.arena.path)
 
 
 def frontend_main(spec: FrontendSpec) -> None:
@@ -567,7 +602,11 @@ async def _serve_frontend(spec: FrontendSpec) -> None:
     from recserve.server.http_service import build_app
 
     settings = spec.settings
-    core = FrontendCore(settings)
+    arena = None
+    if spec.arena_dir is not None:
+        path = os.path.join(spec.arena_dir, f"arena-{spec.index}-{os.getpid()}")
+        arena = ipc.Arena(path, max(16 << 20, 2 * settings.max_body_bytes))
+    core = FrontendCore(settings, arena)
     await core.connect(spec.ipc_path)
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, core.stopping.set)
@@ -595,7 +634,10 @@ async def _serve_frontend(spec: FrontendSpec) -> None:
         server = build_server(core, forward=channel)
         server.add_insecure_port(format_address(settings.host, spec.grpc_port))
         await server.start()
-    core.send({"op": "ready", "index": spec.index})
+    ready: dict[str, Any] = {"op": "ready", "index": spec.index}
+    if arena is not None:
+        ready.update(arena=arena.path, arena_size=arena.size)
+    core.send(ready)
     await core.stopping.wait()
     closing = []
     if server is not None:

@@ -10,7 +10,10 @@ arrays are numpy views of it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import mmap
+import os
 import struct
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,9 +29,11 @@ FrameHandler = Callable[[dict[str, Any], bytearray], None]
 
 def frame(meta: dict[str, Any], arrays: Sequence[np.ndarray] = ()) -> list[Any]:
     """The buffers of one frame; ``meta["arrays"]`` is set to each array's byte offset."""
-    offsets, parts, pos = [], [], 0
+    offsets: list[int] = []
+    parts: list[Any] = []
+    pos = 0
     for array in arrays:
-        view = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+        view = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))  # type: ignore[arg-type]
         offsets.append(pos)
         parts.append(view)
         pos += view.nbytes
@@ -43,7 +48,7 @@ def frame(meta: dict[str, Any], arrays: Sequence[np.ndarray] = ()) -> list[Any]:
     return [HEADER.pack(len(head), pos), head, *parts]
 
 
-def array(data: bytearray, offset: int, dtype: str, count: int) -> np.ndarray:
+def array(data: bytearray | memoryview, offset: int, dtype: str, count: int) -> np.ndarray:
     """``count`` elements of ``dtype`` at byte ``offset`` of a frame's binary part (a view);
     ``ValueError`` when the part is too short."""
     return np.frombuffer(data, dtype=dtype, count=count, offset=offset)
@@ -106,3 +111,69 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._buf, self._pos = self._head, 0
         assert meta is not None
         self._on_frame(meta, data)
+
+
+class Arena:
+    """A shared-memory file a front end writes request arrays into and the server process maps,
+    so a request's megabytes never travel through the socket (the frame names where they are).
+
+    First-fit over the live blocks, lowest address first, so only as much of the file is ever
+    touched as the requests in flight at once need. Single-threaded (one event loop)."""
+
+    def __init__(self, path: str, size: int, create: bool = True) -> None:
+        self.path, self.size = path, size
+        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+        fd = os.open(path, flags, 0o600)
+        try:
+            if create:
+                os.ftruncate(fd, size)
+            self._map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self._live: list[tuple[int, int]] = []
+
+    def alloc(self, nbytes: int) -> tuple[int, int] | None:
+        """A free block of at least ``nbytes`` (``(start, end)``), or None when none is free."""
+        nbytes = max(_ALIGN, -(-nbytes // 64) * 64)
+        start = 0
+        for i, (s, e) in enumerate(self._live):
+            if s - start >= nbytes:
+                block = (start, start + nbytes)
+                self._live.insert(i, block)
+                return block
+            start = e
+        if self.size - start < nbytes:
+            return None
+        block = (start, start + nbytes)
+        self._live.append(block)
+        return block
+
+    def free(self, block: tuple[int, int]) -> None:
+        self._live.remove(block)
+
+    def write(self, arrays: Sequence[np.ndarray]) -> tuple[tuple[int, int], list[int]] | None:
+        """Copy ``arrays`` into one block (each 8-byte aligned); the block and the arrays'
+        offsets in it, or None when it does not fit now."""
+        sizes = [a.nbytes for a in arrays]
+        offsets, pos = [], 0
+        for n in sizes:
+            offsets.append(pos)
+            pos += n + (-n % _ALIGN)
+        block = self.alloc(pos)
+        if block is None:
+            return None
+        base = block[0]
+        for a, off in zip(arrays, offsets, strict=True):
+            dst = np.frombuffer(self._map, np.uint8, a.nbytes, base + off)
+            dst[:] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+        return block, offsets
+
+    def view(self, block: Sequence[int]) -> memoryview:
+        start, end = int(block[0]), int(block[1])
+        if not 0 <= start <= end <= self.size:
+            raise ValueError(f"block {start}:{end} is outside the arena of {self.size} bytes")
+        return memoryview(self._map)[start:end]
+
+    def close(self) -> None:
+        with contextlib.suppress(BufferError):  # arrays still view it: it goes with them
+            self._map.close()
