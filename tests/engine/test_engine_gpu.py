@@ -13,18 +13,24 @@ from recserve.models.registry import build_model
 pytestmark = pytest.mark.gpu
 
 
+@pytest.mark.parametrize("runner", ["process", "thread"])
 @pytest.mark.parametrize("kernels", ["triton", "torch"])
 @pytest.mark.parametrize("name", ["dlrm-rmc2", "din", "dien"])
-def test_gpu_runner_answers_like_the_model(name: str, kernels: str) -> None:
+def test_gpu_runner_answers_like_the_model(name: str, kernels: str, runner: str) -> None:
     model = build_model(name, preset="small", seed=0)
     sched = SchedConfig(gpu_threshold=0, gpu_max_batch=256, gpu_max_delay=0.002)
     config = EngineConfig(
-        sched=sched, cpu_workers=0, device="cuda", max_query_items=128, gpu_kernels=kernels
+        sched=sched,
+        cpu_workers=0,
+        device="cuda",
+        max_query_items=128,
+        gpu_kernels=kernels,
+        gpu_runner=runner,
     )
     queries = QueryFactory(model.config, "zipf:1.05", seed=7)
     batches = [queries.make(size) for size in (1, 7, 64, 128, 3, 100, 128, 50) * 3]
     with RecEngine(model, config) as engine:
-        assert (engine.gpu_runner.pipeline is not None) == (kernels == "triton")
+        assert bool(engine.gpu_runner.pipeline) == (kernels == "triton")
         futures = [engine.submit(b) for b in batches]  # at once: coalesced into larger batches
         outs = [f.result(timeout=60) for f in futures]
     with torch.inference_mode():

@@ -208,3 +208,50 @@ def test_shared_model_file_holds_only_tensors(model, tmp_path) -> None:
         assert torch.equal(loaded(batch), model(batch))
     unlink_shared_model(path)
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("runner", ["process", "thread"])
+def test_runner_process_and_threads_answer_alike(model, runner: str) -> None:
+    """Coalesced batches through the runner (its own process, or threads of the engine's)
+    answer what the model answers, and a failing batch fails only its own queries."""
+    broken = FailOnSize(model, size=5)
+    sched = SchedConfig(sub_batch_size=None, gpu_threshold=0, gpu_max_batch=1)
+    config = EngineConfig(sched, cpu_workers=0, device="cpu", gpu_runner=runner)
+    factory = QueryFactory(model.config, "zipf:1.05", seed=17)
+    batches = [factory.make(n) for n in (3, 5, 64, 1, 5, 200)]
+    with RecEngine(broken, config) as eng:
+        if runner == "process":
+            assert eng.gpu_runner is not None and eng.gpu_runner.pid != os.getpid()
+        futures = [eng.submit(b) for b in batches]
+        for fut, batch, ref in zip(futures, batches, reference(model, batches), strict=True):
+            if batch.batch_size == 5:  # the process reports the error by its text
+                with pytest.raises((RuntimeError, ValueError), match="refusing 5 items"):
+                    fut.result(timeout=30)
+            else:
+                torch.testing.assert_close(fut.result(timeout=30), ref, rtol=1e-5, atol=1e-6)
+        assert eng.stats()["failed"] == 2
+
+
+def test_a_dead_runner_process_fails_what_it_held_and_cpu_work_goes_on(model) -> None:
+    slow = Slow(model, delay=0.3)
+    sched = SchedConfig(sub_batch_size=None, gpu_threshold=10, gpu_max_batch=1)
+    config = EngineConfig(sched, cpu_workers=1, device="cpu", gpu_runner="process")
+    factory = QueryFactory(model.config, seed=18)
+    with RecEngine(slow, config) as eng:
+        runner = eng.gpu_runner
+        assert runner is not None
+        held = [eng.submit(factory.make(20)) for _ in range(2)]  # both slots of the runner
+        time.sleep(0.1)
+        os.kill(runner.pid, signal.SIGKILL)
+        for fut in held:
+            assert type(fut.exception(timeout=30)).__name__ == "RunnerDied"
+        later = eng.submit(factory.make(20))  # answered with the error at once, not stranded
+        assert type(later.exception(timeout=30)).__name__ == "RunnerDied"
+        assert eng.submit(factory.make(3)).result(timeout=30).shape == (3, 1)  # CPU still serves
+
+
+def test_runner_config_is_checked() -> None:
+    with pytest.raises(ValueError, match="gpu_runner"):
+        EngineConfig(gpu_runner="fiber")
+    with pytest.raises(ValueError, match="gpu_max_inflight"):
+        EngineConfig(gpu_max_inflight=0)

@@ -11,6 +11,7 @@ PNG of p95 against offered load.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import json
 import time
@@ -37,6 +38,8 @@ from recserve.engine.deeprecsched import (
     qps_at,
     saturation_qps,
 )
+from recserve.engine.engine import default_ids_per_item
+from recserve.engine.gpu_process import runner_buckets
 from recserve.engine.simulate import simulated_measure
 from recserve.engine.tuner import (
     ConfigResult,
@@ -82,6 +85,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="a small CPU check of the whole pipeline")
     p.add_argument("--workers", type=int, default=None, help="CPU workers (default: cores - 1)")
     p.add_argument("--device", default="auto", help="GPU runner: auto, cuda, cpu (stand-in), none")
+    p.add_argument(
+        "--gpu-runner",
+        choices=("process", "thread"),
+        default="process",
+        help="the GPU runner's host work in a process of its own (default) or in threads of "
+        "the engine's (the first model also measures the other for comparison)",
+    )
     p.add_argument("--sizes", default="production", help="query sizes (see recserve tune --help)")
     p.add_argument("--ids", default="zipf:1.05", help="id distribution per table")
     p.add_argument("--probe-seconds", type=float, default=None, help="arrivals per probe")
@@ -154,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
         if args.workers is not None
         else (1 if quick else default_cpu_workers()),
         "device": "cpu" if quick and args.device == "auto" else args.device,
+        "gpu_runner": args.gpu_runner,
         "sizes": args.sizes,
         "ids": args.ids,
         "plan": ProbePlan(
@@ -230,12 +241,16 @@ def tight_loop_qps(
 
 def runner_baseline(model: RecModel, engine: RecEngine) -> Callable[[Batch], torch.Tensor]:
     """What the engine's GPU runner calls, outside the engine: the same device model and
-    pipeline buckets (a separate copy, so the engine's own stays untouched)."""
+    pipeline buckets, every graph captured before timing (a separate copy in this process)."""
     runner = engine.gpu_runner
+    config = engine.engine_config
     assert runner is not None and engine.device is not None
-    if runner.pipeline is None:
-        return runner.model
-    pipe = GPUPipeline(device_model(model, engine.device), buckets=runner.pipeline.buckets)
+    if not runner.pipeline:
+        return copy.deepcopy(model).to(engine.device).eval()
+    top = max(config.max_query_items, config.sched.gpu_max_batch)
+    pipe = GPUPipeline(device_model(model, engine.device), buckets=runner_buckets(top))
+    ids = config.max_ids_per_item or default_ids_per_item(model.config)
+    pipe.prepare(QueryFactory(model.config, "uniform", seed=0).make, ids)
     return pipe
 
 
@@ -260,7 +275,13 @@ def bench_model(
     workers = opts["workers"]
     t0 = time.monotonic()
     engine = RecEngine(
-        model, EngineConfig(cpu_workers=workers, device=opts["device"], queue_capacity=512)
+        model,
+        EngineConfig(
+            cpu_workers=workers,
+            device=opts["device"],
+            queue_capacity=512,
+            gpu_runner=opts["gpu_runner"],
+        ),
     )
     rec["engine_start_s"] = round(time.monotonic() - t0, 2)
     try:
@@ -271,19 +292,16 @@ def bench_model(
         if has_gpu:
             device = engine.device
             assert device is not None
-            baseline = runner_baseline(model, engine)
-            rec["runner_overhead"] = overhead(
-                lambda: tight_loop_qps(
-                    baseline,
-                    pool.batches,
-                    device,
-                    0.4,
-                    move=not isinstance(baseline, GPUPipeline),
-                ),
-                lambda: saturation_qps(
-                    engine, pool, STATIC_GPU["gpu-only"], seconds=0.4, outstanding=4
-                ),
-            )
+            rec["runner_overhead"] = runner_overhead(model, engine, pool)
+            console.print(f"  GPU runner ({opts['gpu_runner']}): {rec['runner_overhead']}")
+            if first:  # the other runner, for comparison (an engine of its own, GPU only)
+                other = "thread" if opts["gpu_runner"] == "process" else "process"
+                config = EngineConfig(
+                    cpu_workers=0, device=str(device), queue_capacity=512, gpu_runner=other
+                )
+                with RecEngine(model, config) as alone:
+                    rec[f"runner_overhead_{other}"] = runner_overhead(model, alone, pool)
+                console.print(f"  GPU runner ({other}): {rec[f'runner_overhead_{other}']}")
         measure = timed(engine_measure(engine, pool, opts["plan"], medium), deadline)
         start = 0.5 * saturation_qps(engine, pool, STATIC_CPU["cpu-whole"], seconds=0.5)
         search = LoadSearch(rel_tol=0.05)
@@ -322,6 +340,20 @@ def bench_model(
         engine.close()
     rec["wall_s"] = round(time.monotonic() - began, 1)
     return rec
+
+
+def runner_overhead(model: RecModel, engine: RecEngine, pool: QueryPool) -> dict[str, float]:
+    """The engine serving every query alone on the GPU at saturation vs the runner's own model
+    called back to back on the same queries."""
+    assert engine.device is not None
+    device = engine.device
+    baseline = runner_baseline(model, engine)
+    return overhead(
+        lambda: tight_loop_qps(
+            baseline, pool.batches, device, 0.4, move=not isinstance(baseline, GPUPipeline)
+        ),
+        lambda: saturation_qps(engine, pool, STATIC_GPU["gpu-only"], seconds=0.4, outstanding=4),
+    )
 
 
 class OutOfTime(RuntimeError):

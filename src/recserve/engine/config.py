@@ -86,6 +86,10 @@ class EngineConfig:
     """The GPU runner's model: ``triton`` (tables in the table-batched Triton backend, the
     whole forward replayed as a CUDA graph per batch-size bucket) or ``torch`` (the model as
     given, launched op by op)."""
+    gpu_runner: str = "process"
+    """Where the batch-level runner's host work runs: ``process`` (a runner process of its own,
+    fed through shared slots, so its PyTorch calls never wait on this process's interpreter
+    lock) or ``thread`` (threads of the engine's process)."""
     cpu_queue_depth: int = 2
     """Sub-batches a CPU worker holds at once (one running, the rest queued in its pipe): 2
     lets a worker start its next sub-batch without a round trip through the engine loop."""
@@ -106,5 +110,9 @@ class EngineConfig:
             "cuda:"
         ):
             raise ValueError(f"device must be auto, cuda[:N], cpu or none, got {self.device!r}")
+        if self.gpu_runner not in ("process", "thread"):
+            raise ValueError(f"gpu_runner must be process or thread, got {self.gpu_runner!r}")
+        if self.gpu_max_inflight < 1:
+            raise ValueError(f"gpu_max_inflight must be >= 1, got {self.gpu_max_inflight}")
         if self.gpu_kernels not in ("triton", "torch"):
             raise ValueError(f"gpu_kernels must be triton or torch, got {self.gpu_kernels!r}")

@@ -18,6 +18,7 @@ import os
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_any
 from multiprocessing.process import BaseProcess
@@ -53,6 +54,7 @@ class CpuWorkerPool:
         threads: int = 1,
         start_timeout: float = 300.0,
         depth: int = 2,
+        wake: Callable[[], None] | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError("a CPU worker pool needs at least one worker")
@@ -61,6 +63,8 @@ class CpuWorkerPool:
         if arena.spec.slots < depth * workers + 1:
             raise ValueError("the staging arena needs a slot per queued sub-batch plus one")
         self.depth = depth
+        self._wake = wake or (lambda: None)
+        """Wakes the loop thread: work refused at dispatch is answered on its next poll."""
         self.keys = config.feature_keys
         self.arena = arena
         ctx = mp.get_context("spawn")
@@ -124,6 +128,7 @@ class CpuWorkerPool:
                 slot, num_values = self._stage(sub.query)
             except ValueError as err:
                 self._errors.append(Completion(sub.query, sub.start, sub.stop, error=err))
+                self._wake()
                 continue
             worker = self._least_loaded()
             self._queued[worker].append(sub)

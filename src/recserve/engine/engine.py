@@ -26,6 +26,7 @@ from recserve.config import ModelConfig
 from recserve.engine.config import EngineConfig, SchedConfig
 from recserve.engine.core import Clock, EngineCore
 from recserve.engine.cpu_pool import CpuWorkerPool
+from recserve.engine.gpu_process import GpuProcessRunner, RunnerSpec, runner_buckets
 from recserve.engine.gpu_runner import GpuRunner
 from recserve.engine.interface import EngineClosed
 from recserve.engine.scheduler import Scheduler
@@ -109,24 +110,9 @@ class RecEngine:
         ids_per_item = config.max_ids_per_item or default_ids_per_item(self.config)
         self._waker = _Waker()
         self._pool: CpuWorkerPool | None = None
-        self._gpu: GpuRunner | None = None
+        self._gpu: GpuRunner | GpuProcessRunner | None = None
         try:
-            if config.cpu_workers:
-                self._pool = self._start_pool(model, config, ids_per_item)
-            if self.device is not None:
-                runner_model, pipeline = self._runner_model(model, config, ids_per_item)
-                self._gpu = GpuRunner(
-                    runner_model.eval(),
-                    self.keys,
-                    self.config.num_dense,
-                    self.config.num_tasks,
-                    max(config.max_query_items, config.sched.gpu_max_batch),
-                    max(config.max_query_items, config.sched.gpu_max_batch) * ids_per_item,
-                    self.device,
-                    config.gpu_max_inflight,
-                    self._waker.wake,
-                    pipeline,
-                )
+            self._start_executors(model, config, ids_per_item)
         except BaseException:
             self._shutdown_executors()
             raise
@@ -142,10 +128,80 @@ class RecEngine:
         self._thread = threading.Thread(target=self._loop, name="recserve-engine", daemon=True)
         self._thread.start()
 
+    def _start_executors(self, model: nn.Module, config: EngineConfig, ids_per_item: int) -> None:
+        """Share the weights through one file, start the CPU workers and the GPU runner (a
+        process, or threads of this one), then unlink the files (the mappings stay): nothing
+        is left behind if a process dies."""
+        runner_items = max(config.max_query_items, config.sched.gpu_max_batch)
+        in_process = self.device is not None and config.gpu_runner == "thread"
+        need_file = config.cpu_workers > 0 or (self.device is not None and not in_process)
+        if in_process:
+            assert self.device is not None
+            runner_model, pipeline = self._runner_model(model, config, ids_per_item)
+            self._gpu = GpuRunner(
+                runner_model.eval(),
+                self.keys,
+                self.config.num_dense,
+                self.config.num_tasks,
+                runner_items,
+                runner_items * ids_per_item,
+                self.device,
+                config.gpu_max_inflight,
+                self._waker.wake,
+                pipeline,
+            )
+        if not need_file:
+            return
+        pool_spec = ArenaSpec.for_model(
+            self.config,
+            config.cpu_queue_depth * config.cpu_workers + 2,
+            config.max_query_items,
+            ids_per_item,
+        )
+        runner_spec = ArenaSpec.for_model(
+            self.config, config.gpu_max_inflight, runner_items, ids_per_item
+        )
+        nbytes = model_nbytes(model) + pool_spec.nbytes * (config.cpu_workers > 0)
+        folder = pick_shared_dir(nbytes + runner_spec.nbytes, config.shared_dir)
+        path = save_shared_model(model, folder)
+        try:
+            if self.device is not None and not in_process:
+                self._gpu = GpuProcessRunner(
+                    RunnerSpec(
+                        str(path),
+                        dataclasses.replace(runner_spec, folder=str(folder)),
+                        self.keys,
+                        str(self.device),
+                        config.gpu_kernels,
+                        runner_buckets(runner_items),
+                        ids_per_item,
+                    ),
+                    self._waker.wake,
+                )
+            if config.cpu_workers:
+                staging = StagingArena(dataclasses.replace(pool_spec, folder=str(folder)))
+                try:
+                    self._pool = CpuWorkerPool(
+                        path,
+                        self.config,
+                        config.cpu_workers,
+                        staging,
+                        config.worker_threads,
+                        depth=config.cpu_queue_depth,
+                        wake=self._waker.wake,
+                    )
+                finally:
+                    staging.unlink()
+            if isinstance(self._gpu, GpuProcessRunner):
+                self._gpu.wait_ready()  # started first: builds while the workers start
+        finally:
+            unlink_shared_model(path)
+
     def _runner_model(
         self, model: nn.Module, config: EngineConfig, ids_per_item: int
     ) -> tuple[nn.Module, GPUPipeline | None]:
-        """The GPU runner's model, and the pipeline that runs it (graphs captured up front)."""
+        """The in-process runner's model, and the pipeline that runs it (graphs captured up
+        front)."""
         assert self.device is not None
         if self.device.type != "cuda":
             return model, None
@@ -153,40 +209,10 @@ class RecEngine:
             return copy.deepcopy(model).to(self.device), None  # the caller's model stays put
         fast = device_model(model, self.device)
         top = max(config.max_query_items, config.sched.gpu_max_batch)
-        buckets = [16]
-        while buckets[-1] < top:
-            buckets.append(buckets[-1] * 2)
-        pipeline = GPUPipeline(fast, buckets=buckets)
+        pipeline = GPUPipeline(fast, buckets=runner_buckets(top))
         factory = QueryFactory(self.config, "uniform", seed=0)
         pipeline.prepare(factory.make, ids_per_item)
         return fast, pipeline
-
-    def _start_pool(
-        self, model: nn.Module, config: EngineConfig, ids_per_item: int
-    ) -> CpuWorkerPool:
-        """Share the weights and the staging slots through files, start the workers, then
-        unlink the files (the mappings stay): nothing is left behind if a process dies."""
-        spec = ArenaSpec.for_model(
-            self.config,
-            config.cpu_queue_depth * config.cpu_workers + 2,
-            config.max_query_items,
-            ids_per_item,
-        )
-        folder = pick_shared_dir(model_nbytes(model) + spec.nbytes, config.shared_dir)
-        staging = StagingArena(dataclasses.replace(spec, folder=str(folder)))
-        path = save_shared_model(model, folder)
-        try:
-            return CpuWorkerPool(
-                path,
-                self.config,
-                config.cpu_workers,
-                staging,
-                config.worker_threads,
-                depth=config.cpu_queue_depth,
-            )
-        finally:
-            unlink_shared_model(path)
-            staging.unlink()
 
     # -- the InferenceEngine protocol --------------------------------------------------------
 
@@ -244,7 +270,7 @@ class RecEngine:
             raise RuntimeError("the engine loop did not take the new schedule")
 
     @property
-    def gpu_runner(self) -> GpuRunner | None:
+    def gpu_runner(self) -> GpuRunner | GpuProcessRunner | None:
         return self._gpu
 
     @property
@@ -285,6 +311,8 @@ class RecEngine:
         waitables: list[Any] = [self._waker.fd]
         if self._pool is not None:
             waitables += self._pool.waitables()
+        if isinstance(self._gpu, GpuProcessRunner):
+            waitables += self._gpu.waitables()
         wait_any(waitables, timeout)
 
     def _shutdown_executors(self) -> None:

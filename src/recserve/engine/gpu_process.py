@@ -1,0 +1,359 @@
+"""The batch-level runner in a process of its own: the GPU's host work off the engine's GIL.
+
+In one process, every thread that touches the GPU shares the interpreter lock with the engine
+loop and the callers: each PyTorch call releases and retakes it, so the runner's host work
+(staging, graph replay, copies) and the engine's bookkeeping serialise and hand the lock back
+and forth. Here the runner is a process, like a CPU worker: the engine stages each coalesced
+batch once into a shared slot (:class:`~recserve.engine.shared.StagingArena`, page-locked in
+the runner so copies go straight from it to the device and back), sends one short message, and
+reads the answer rows from the slot when the runner's one-line reply arrives. The runner
+process launches batch i+1 while batch i computes (a launch thread and a completion thread),
+through the same :class:`~recserve.pipeline.GPUPipeline` (one CUDA graph per batch-size bucket)
+as the in-process runner.
+
+On a machine without a GPU (``device="cpu"``) the runner process calls the model itself, so the
+same engine path runs in tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing as mp
+import os
+import queue
+import threading
+import traceback
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import torch
+
+from recserve.engine.batching import HostBuffers, concat_batches
+from recserve.engine.gpu_runner import _split
+from recserve.engine.request import Completion, Query
+from recserve.engine.shared import ArenaSpec, StagingArena, load_shared_model
+
+log = logging.getLogger(__name__)
+
+
+class RunnerDied(RuntimeError):
+    """The GPU runner process exited while batches were in it."""
+
+
+@dataclass(frozen=True)
+class RunnerSpec:
+    """What the runner process needs to build its model (picklable: sent at spawn)."""
+
+    model_path: str
+    arena: ArenaSpec
+    keys: tuple[str, ...]
+    device: str
+    kernels: str
+    buckets: tuple[int, ...]
+    ids_per_item: int
+
+
+def runner_buckets(top: int) -> tuple[int, ...]:
+    """Batch-size buckets the runner captures graphs for: 16, 32, ... up to ``top`` or above."""
+    buckets = [16]
+    while buckets[-1] < top:
+        buckets.append(buckets[-1] * 2)
+    return tuple(buckets)
+
+
+class GpuProcessRunner:
+    """The engine's :class:`~recserve.engine.core.GpuExecutor` backed by a runner process (not
+    thread-safe: the engine's loop thread calls everything)."""
+
+    def __init__(
+        self,
+        spec: RunnerSpec,
+        wake: Callable[[], None] | None = None,
+        start_timeout: float = 600.0,
+    ) -> None:
+        self.spec = spec
+        self._wake = wake or (lambda: None)
+        """Wakes the loop thread: work refused at dispatch is answered on its next poll."""
+        self.keys = spec.keys
+        self.max_items = spec.arena.max_items
+        self.max_inflight = spec.arena.slots
+        self.arena = StagingArena(spec.arena)
+        self._views = [
+            HostBuffers(self.arena.dense[s], self.arena.values[s], self.arena.offsets[s])
+            for s in range(spec.arena.slots)
+        ]
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(
+            target=_runner_main, args=(spec, child), name="recserve-gpu-runner", daemon=True
+        )
+        self._proc.start()
+        child.close()
+        self._free: list[int] = list(range(spec.arena.slots))
+        self._inflight: deque[tuple[int, list[Query], int]] = deque()
+        self._errors: list[Completion] = []
+        self._dead = False
+        self.info: dict[str, Any] = {}
+        self._start_timeout = start_timeout
+
+    def wait_ready(self) -> None:
+        """Block until the runner has built its model (graphs captured); raise if it failed."""
+        if self.info:
+            return
+        if not self._conn.poll(self._start_timeout):
+            self.close()
+            raise RuntimeError(f"the GPU runner did not start within {self._start_timeout:.0f} s")
+        try:
+            kind, payload = self._conn.recv()
+        except EOFError:
+            kind, payload = "error", f"exited during start-up (code {self._proc.exitcode})"
+        if kind != "ready":
+            self.close()
+            raise RuntimeError(f"the GPU runner failed to start: {payload}")
+        self.info = payload
+        self.pid = int(payload["pid"])
+
+    @property
+    def pipeline(self) -> bool:
+        """Whether the runner serves through whole-forward CUDA graphs."""
+        return bool(self.info.get("pipeline"))
+
+    # -- the GpuExecutor protocol (loop thread) -------------------------------------------
+
+    def free_slots(self) -> int:
+        # A dead runner takes work at once, to answer it with the error (nothing waits forever).
+        return self.max_inflight if self._dead else len(self._free)
+
+    def dispatch(self, queries: list[Query]) -> None:
+        if self._dead:
+            self._fail(queries, RunnerDied("the GPU runner process is gone"))
+            return
+        slot = self._free.pop()
+        try:
+            batch = concat_batches(
+                [q.batch for q in queries if q.batch is not None], self.keys, self._views[slot]
+            )
+            if batch.sparse.weights is not None:
+                raise ValueError("the GPU runner does not take per-sample weights")
+        except ValueError as err:
+            self._free.append(slot)
+            self._fail(queries, err)
+            return
+        b, n = batch.batch_size, batch.sparse.values.numel()
+        try:
+            self._conn.send((slot, b, n))
+        except (OSError, ValueError) as err:
+            self._free.append(slot)
+            self._fail(queries, RunnerDied(f"the GPU runner process is gone ({err})"))
+            return
+        self._inflight.append((slot, queries, b))
+
+    def poll(self) -> list[Completion]:
+        out, self._errors = self._errors, []
+        while self._inflight:
+            try:
+                if not self._conn.poll():
+                    break
+                reply = self._conn.recv()
+            except (EOFError, OSError):
+                self._die(out)
+                break
+            slot, queries, b = self._inflight.popleft()
+            if reply is None:
+                out.extend(_split(queries, self.arena.out[slot, :b], copy=True))
+            else:
+                out.extend(
+                    Completion(q, 0, q.num_items, error=RuntimeError(reply)) for q in queries
+                )
+            self._free.append(slot)
+        if not self._dead and not self._proc.is_alive():
+            self._die(out)
+        return out
+
+    def waitables(self) -> list[Any]:
+        """What the loop thread waits on: the runner's replies while batches are in it, and
+        its exit."""
+        if self._dead:
+            return []
+        return ([self._conn] if self._inflight else []) + [self._proc.sentinel]
+
+    def close(self, timeout: float = 30.0) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._conn.send(None)
+        self._proc.join(timeout)
+        if self._proc.is_alive():
+            self._proc.terminate()
+            self._proc.join(5.0)
+        self._conn.close()
+        self.arena.unlink()
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _fail(self, queries: list[Query], err: BaseException) -> None:
+        self._errors.extend(Completion(q, 0, q.num_items, error=err) for q in queries)
+        self._wake()
+
+    def _die(self, out: list[Completion]) -> None:
+        self._dead = True
+        died = RunnerDied(f"the GPU runner process exited (code {self._proc.exitcode})")
+        while self._inflight:  # everything it held fails; nothing is lost silently
+            slot, queries, _ = self._inflight.popleft()
+            out.extend(Completion(q, 0, q.num_items, error=died) for q in queries)
+            self._free.append(slot)
+
+
+# -- the runner process ---------------------------------------------------------------------
+
+
+def _build(spec: RunnerSpec, device: torch.device) -> tuple[Any, Any]:
+    """``(model, pipeline)`` on ``device``: whole-forward graphs for a recserve model with the
+    Triton tables, else the model as given (op by op)."""
+    from recserve.loadgen.synthetic import QueryFactory
+    from recserve.models.base import RecModel
+    from recserve.pipeline import GPUPipeline, device_model
+
+    model = load_shared_model(spec.model_path)
+    if device.type != "cuda":
+        return model, None
+    if spec.kernels == "torch" or not isinstance(model, RecModel):
+        return model.to(device), None
+    fast = device_model(model, device)
+    del model  # the mapped CPU copy: its pages are not needed any more
+    pipeline = GPUPipeline(fast, buckets=spec.buckets)
+    pipeline.prepare(QueryFactory(fast.config, "uniform", seed=0).make, spec.ids_per_item)
+    return fast, pipeline
+
+
+def _register(arena: StagingArena) -> bool:
+    """Page-lock the shared slots for the device (copies then go straight from and to them)."""
+    from recserve.storage.host import register_host_memory
+
+    try:
+        for t in (arena.dense, arena.values, arena.offsets, arena.out):
+            if t.numel():
+                nbytes = -(-t.numel() * t.element_size() // 4096) * 4096
+                register_host_memory(t.data_ptr(), nbytes)
+    except Exception as err:  # still correct: inputs are staged, outputs copied once more
+        log.warning("could not page-lock the runner's staging slots (%s)", err)
+        return False
+    return True
+
+
+def _runner_main(spec: RunnerSpec, conn: Connection) -> None:
+    """The runner's whole life: build the model, then run batches until told to stop (``None``)
+    or the engine goes away."""
+    try:
+        torch.set_num_threads(1)
+        device = torch.device(spec.device)
+        with torch.inference_mode():
+            model, pipeline = _build(spec, device)
+        arena = StagingArena(spec.arena)
+        registered = device.type == "cuda" and _register(arena)
+        conn.send(
+            (
+                "ready",
+                {"pid": os.getpid(), "pipeline": pipeline is not None, "registered": registered},
+            )
+        )
+    except BaseException:
+        with contextlib.suppress(OSError):
+            conn.send(("error", traceback.format_exc(limit=6)))
+        return
+    with torch.inference_mode():
+        if device.type == "cuda":
+            _CudaLoop(spec, conn, model, pipeline, arena, registered, device).run()
+        else:
+            _cpu_loop(spec, conn, model, arena)
+
+
+def _cpu_loop(spec: RunnerSpec, conn: Connection, model: Any, arena: StagingArena) -> None:
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError, KeyboardInterrupt):
+            return
+        if msg is None:
+            return
+        slot, b, n = msg
+        try:
+            arena.out[slot, :b] = model(arena.batch(slot, b, n, spec.keys))
+            conn.send(None)
+        except Exception as err:  # reported to the engine, which fails the batch's queries
+            conn.send(f"GPU runner: {type(err).__name__}: {err}")
+
+
+class _CudaLoop:
+    """Launch thread (this one) and completion thread of the runner process."""
+
+    def __init__(
+        self,
+        spec: RunnerSpec,
+        conn: Connection,
+        model: Any,
+        pipeline: Any,
+        arena: StagingArena,
+        registered: bool,
+        device: torch.device,
+    ) -> None:
+        self.spec, self.conn, self.model, self.pipeline = spec, conn, model, pipeline
+        self.arena, self.registered, self.device = arena, registered, device
+        self.stream = torch.cuda.Stream(device)
+        self.out = (
+            arena.out
+            if registered
+            else torch.empty(tuple(arena.out.shape), dtype=torch.float32, pin_memory=True)
+        )
+        self.pending: queue.SimpleQueue[tuple[int, int, Any, str | None] | None] = (
+            queue.SimpleQueue()
+        )
+
+    def run(self) -> None:
+        done = threading.Thread(target=self._complete, name="recserve-gpu-done", daemon=True)
+        done.start()
+        try:
+            while True:
+                try:
+                    msg = self.conn.recv()
+                except (EOFError, OSError, KeyboardInterrupt):
+                    return
+                if msg is None:
+                    return
+                slot, b, n = msg
+                try:
+                    self.pending.put((slot, b, self._launch(slot, b, n), None))
+                except Exception as err:
+                    self.pending.put((slot, b, None, f"GPU runner: {type(err).__name__}: {err}"))
+        finally:
+            self.pending.put(None)
+            done.join(timeout=30)
+
+    def _launch(self, slot: int, b: int, n: int) -> torch.cuda.Event:
+        batch = self.arena.batch(slot, b, n, self.spec.keys)
+        with torch.cuda.stream(self.stream):
+            if self.pipeline is not None:
+                out = self.pipeline(batch)
+            else:
+                out = self.model(batch.to(self.device, non_blocking=True))
+            self.out[slot, :b].copy_(out, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        return event
+
+    def _complete(self) -> None:
+        while (item := self.pending.get()) is not None:
+            slot, b, event, error = item
+            if error is None:
+                try:
+                    event.synchronize()
+                    if not self.registered:
+                        self.arena.out[slot, :b].copy_(self.out[slot, :b])
+                except Exception as err:
+                    error = f"GPU runner: {type(err).__name__}: {err}"
+            try:
+                self.conn.send(error)
+            except (OSError, ValueError):
+                return
