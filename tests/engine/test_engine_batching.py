@@ -13,10 +13,13 @@ from recserve.types import validate_batch
 
 @pytest.mark.parametrize("name", ["dlrm-rmc1", "din", "mt-wnd"])
 @pytest.mark.parametrize("buffers", [False, True])
-def test_coalesced_batch_answers_like_its_queries(name: str, buffers: bool) -> None:
+@pytest.mark.parametrize("sizes", [(3, 1, 17, 8), (17,)], ids=["four", "one"])
+def test_coalesced_batch_answers_like_its_queries(
+    name: str, buffers: bool, sizes: tuple[int, ...]
+) -> None:
     model = build_model(name, preset="tiny", seed=1)
     factory = QueryFactory(model.config, "zipf:1.05", seed=2, jitter=True)
-    batches = [factory.make(n) for n in (3, 1, 17, 8)]
+    batches = [factory.make(n) for n in sizes]
     keys = batches[0].sparse.keys
     out = None
     if buffers:
@@ -36,11 +39,14 @@ def test_features_are_put_in_the_requested_order() -> None:
     model = build_model("dlrm-rmc1", preset="tiny", seed=1)
     batch = QueryFactory(model.config, seed=3).make(5)
     keys = batch.sparse.keys
-    merged = concat_batches([batch, batch], tuple(reversed(keys)))
-    assert merged.sparse.keys == tuple(reversed(keys))
-    assert torch.equal(
-        merged.sparse.feature(keys[0])[0], torch.cat([batch.sparse.feature(keys[0])[0]] * 2)
-    )
+    for count in (1, 2):
+        out = HostBuffers.allocate(10, 10_000, len(keys), model.config.num_dense)
+        merged = concat_batches([batch] * count, tuple(reversed(keys)), out)
+        assert merged.sparse.keys == tuple(reversed(keys))
+        assert torch.equal(
+            merged.sparse.feature(keys[0])[0],
+            torch.cat([batch.sparse.feature(keys[0])[0]] * count),
+        )
 
 
 def test_buffers_that_are_too_small_are_refused() -> None:

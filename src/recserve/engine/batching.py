@@ -55,8 +55,10 @@ def concat_batches(
     """
     sparses = [b.sparse if b.sparse.keys == keys else b.sparse.select(keys) for b in batches]
     total = sum(b.batch_size for b in batches)
-    if len(batches) == 1 and out is None:
-        return Batch(batches[0].dense, sparses[0])
+    if len(batches) == 1:
+        if out is None:
+            return Batch(batches[0].dense, sparses[0])
+        return _copy_one(batches[0].dense, sparses[0], out)
     nf = len(keys)
     values = [_host(sp.values) for sp in sparses]
     offsets = [_host(sp.offsets) for sp in sparses]
@@ -97,6 +99,25 @@ def concat_batches(
         )
     sparse = KeyedJagged(keys, flat, joined, total, weights, per_key)
     return Batch(dense_out, sparse)
+
+
+def _copy_one(dense: torch.Tensor, sparse: KeyedJagged, out: HostBuffers) -> Batch:
+    """One query into ``out``: its layout is already the batch's, so three flat copies."""
+    b, n = sparse.batch_size, sparse.values.numel()
+    if not out.fits(b, n):
+        raise ValueError(f"batch of {b} items and {n} ids does not fit the buffers")
+    head = len(sparse.keys) * b + 1
+    np.copyto(out.dense[:b].numpy(), _host(dense))
+    np.copyto(out.values[:n].numpy(), _host(sparse.values))
+    np.copyto(out.offsets[:head].numpy(), _host(sparse.offsets))
+    weights = sparse.weights
+    if weights is not None:
+        weights = torch.from_numpy(_host(weights).copy())
+    per_key = sparse.key_offsets()
+    return Batch(
+        out.dense[:b],
+        KeyedJagged(sparse.keys, out.values[:n], out.offsets[:head], b, weights, per_key),
+    )
 
 
 def _host(t: torch.Tensor) -> np.ndarray:

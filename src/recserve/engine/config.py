@@ -80,8 +80,9 @@ class EngineConfig:
     max_ids_per_item: int | None = None
     """Staging room for ids per item (all features); default: twice the model's lookups plus
     its sequence lengths."""
-    gpu_max_inflight: int = 2
-    """GPU batches in flight at once: 2 lets one batch's copies overlap another's compute."""
+    gpu_max_inflight: int = 3
+    """GPU batches in flight at once (staging slots of the runner): more than one lets a batch's
+    copies and host work overlap another's compute; a third covers the reply's round trip."""
     gpu_kernels: str = "triton"
     """The GPU runner's model: ``triton`` (tables in the table-batched Triton backend, the
     whole forward replayed as a CUDA graph per batch-size bucket) or ``torch`` (the model as

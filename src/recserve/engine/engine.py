@@ -13,10 +13,10 @@ import copy
 import dataclasses
 import logging
 import os
+import select
 import threading
 import time
 from concurrent.futures import Future
-from multiprocessing.connection import wait as wait_any
 from typing import Any
 
 import torch
@@ -313,7 +313,7 @@ class RecEngine:
             waitables += self._pool.waitables()
         if isinstance(self._gpu, GpuProcessRunner):
             waitables += self._gpu.waitables()
-        wait_any(waitables, timeout)
+        select.select(waitables, [], [], timeout)
 
     def _shutdown_executors(self) -> None:
         if self._gpu is not None:

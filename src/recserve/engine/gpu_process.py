@@ -22,6 +22,8 @@ import logging
 import multiprocessing as mp
 import os
 import queue
+import socket
+import struct
 import threading
 import traceback
 from collections import deque
@@ -38,6 +40,12 @@ from recserve.engine.request import Completion, Query
 from recserve.engine.shared import ArenaSpec, StagingArena, load_shared_model
 
 log = logging.getLogger(__name__)
+
+
+_REQUEST = struct.Struct("<qqq")
+"""Engine -> runner: slot, items, ids of a staged batch (slot -1: stop)."""
+_REPLY = struct.Struct("<qq")
+"""Runner -> engine: slot, then the length of an error text that follows (0: answered)."""
 
 
 class RunnerDied(RuntimeError):
@@ -116,6 +124,10 @@ class GpuProcessRunner:
             raise RuntimeError(f"the GPU runner failed to start: {payload}")
         self.info = payload
         self.pid = int(payload["pid"])
+        # From here on, fixed-size records straight on the socket (no pickling, and a
+        # non-blocking read instead of Connection.poll's selector per call).
+        self._sock = socket.socket(fileno=os.dup(self._conn.fileno()))
+        self._buf = bytearray()
 
     @property
     def pipeline(self) -> bool:
@@ -145,8 +157,8 @@ class GpuProcessRunner:
             return
         b, n = batch.batch_size, batch.sparse.values.numel()
         try:
-            self._conn.send((slot, b, n))
-        except (OSError, ValueError) as err:
+            self._sock.sendall(_REQUEST.pack(slot, b, n))
+        except OSError as err:
             self._free.append(slot)
             self._fail(queries, RunnerDied(f"the GPU runner process is gone ({err})"))
             return
@@ -154,36 +166,48 @@ class GpuProcessRunner:
 
     def poll(self) -> list[Completion]:
         out, self._errors = self._errors, []
-        while self._inflight:
-            try:
-                if not self._conn.poll():
-                    break
-                reply = self._conn.recv()
-            except (EOFError, OSError):
-                self._die(out)
+        if self._dead:
+            return out
+        try:
+            data = self._sock.recv(1 << 16, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return out
+        except OSError:
+            data = b""
+        if not data:  # end of file: the runner is gone
+            self._die(out)
+            return out
+        buf = self._buf
+        buf += data
+        while len(buf) >= _REPLY.size:
+            slot, length = _REPLY.unpack_from(buf)
+            if len(buf) < _REPLY.size + length:
                 break
-            slot, queries, b = self._inflight.popleft()
-            if reply is None:
+            error = bytes(buf[_REPLY.size : _REPLY.size + length]).decode()
+            del buf[: _REPLY.size + length]
+            head, queries, b = self._inflight.popleft()
+            assert head == slot, f"runner answered slot {slot}, expected {head}"
+            if not length:
                 out.extend(_split(queries, self.arena.out[slot, :b], copy=True))
             else:
                 out.extend(
-                    Completion(q, 0, q.num_items, error=RuntimeError(reply)) for q in queries
+                    Completion(q, 0, q.num_items, error=RuntimeError(error)) for q in queries
                 )
             self._free.append(slot)
-        if not self._dead and not self._proc.is_alive():
-            self._die(out)
         return out
 
     def waitables(self) -> list[Any]:
-        """What the loop thread waits on: the runner's replies while batches are in it, and
-        its exit."""
-        if self._dead:
-            return []
-        return ([self._conn] if self._inflight else []) + [self._proc.sentinel]
+        """What the loop thread waits on: the runner's socket (replies, or end of file when the
+        process exits)."""
+        return [] if self._dead else [self._sock]
 
     def close(self, timeout: float = 30.0) -> None:
         with contextlib.suppress(OSError, ValueError):
-            self._conn.send(None)
+            if self.info:
+                self._sock.sendall(_REQUEST.pack(-1, 0, 0))
+                self._sock.close()
+            else:
+                self._conn.send(None)
         self._proc.join(timeout)
         if self._proc.is_alive():
             self._proc.terminate()
@@ -263,27 +287,43 @@ def _runner_main(spec: RunnerSpec, conn: Connection) -> None:
         with contextlib.suppress(OSError):
             conn.send(("error", traceback.format_exc(limit=6)))
         return
+    sock = socket.socket(fileno=os.dup(conn.fileno()))
     with torch.inference_mode():
         if device.type == "cuda":
-            _CudaLoop(spec, conn, model, pipeline, arena, registered, device).run()
+            _CudaLoop(spec, sock, model, pipeline, arena, registered, device).run()
         else:
-            _cpu_loop(spec, conn, model, arena)
+            _cpu_loop(spec, sock, model, arena)
 
 
-def _cpu_loop(spec: RunnerSpec, conn: Connection, model: Any, arena: StagingArena) -> None:
-    while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError, KeyboardInterrupt):
-            return
-        if msg is None:
-            return
-        slot, b, n = msg
+def _next_request(sock: socket.socket) -> tuple[int, int, int] | None:
+    """The next batch to run, or None when told to stop or the engine is gone."""
+    try:
+        data = sock.recv(_REQUEST.size, socket.MSG_WAITALL)
+    except (OSError, KeyboardInterrupt):
+        return None
+    if len(data) < _REQUEST.size:
+        return None
+    slot, b, n = _REQUEST.unpack(data)
+    return None if slot < 0 else (slot, b, n)
+
+
+def _reply(sock: socket.socket, slot: int, error: str | None) -> None:
+    text = (error or "").encode()
+    sock.sendall(_REPLY.pack(slot, len(text)) + text)
+
+
+def _cpu_loop(spec: RunnerSpec, sock: socket.socket, model: Any, arena: StagingArena) -> None:
+    while (request := _next_request(sock)) is not None:
+        slot, b, n = request
+        error = None
         try:
             arena.out[slot, :b] = model(arena.batch(slot, b, n, spec.keys))
-            conn.send(None)
         except Exception as err:  # reported to the engine, which fails the batch's queries
-            conn.send(f"GPU runner: {type(err).__name__}: {err}")
+            error = f"GPU runner: {type(err).__name__}: {err}"
+        try:
+            _reply(sock, slot, error)
+        except OSError:
+            return
 
 
 class _CudaLoop:
@@ -292,14 +332,14 @@ class _CudaLoop:
     def __init__(
         self,
         spec: RunnerSpec,
-        conn: Connection,
+        sock: socket.socket,
         model: Any,
         pipeline: Any,
         arena: StagingArena,
         registered: bool,
         device: torch.device,
     ) -> None:
-        self.spec, self.conn, self.model, self.pipeline = spec, conn, model, pipeline
+        self.spec, self.sock, self.model, self.pipeline = spec, sock, model, pipeline
         self.arena, self.registered, self.device = arena, registered, device
         self.stream = torch.cuda.Stream(device)
         self.out = (
@@ -315,14 +355,8 @@ class _CudaLoop:
         done = threading.Thread(target=self._complete, name="recserve-gpu-done", daemon=True)
         done.start()
         try:
-            while True:
-                try:
-                    msg = self.conn.recv()
-                except (EOFError, OSError, KeyboardInterrupt):
-                    return
-                if msg is None:
-                    return
-                slot, b, n = msg
+            while (request := _next_request(self.sock)) is not None:
+                slot, b, n = request
                 try:
                     self.pending.put((slot, b, self._launch(slot, b, n), None))
                 except Exception as err:
@@ -354,6 +388,6 @@ class _CudaLoop:
                 except Exception as err:
                     error = f"GPU runner: {type(err).__name__}: {err}"
             try:
-                self.conn.send(error)
-            except (OSError, ValueError):
+                _reply(self.sock, slot, error)
+            except OSError:
                 return
