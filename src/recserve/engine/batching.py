@@ -10,6 +10,10 @@ import torch
 
 from recserve.types import Batch, KeyedJagged
 
+_PARALLEL_COPY = 1 << 17
+"""Ids from which a join copies with PyTorch (multi-threaded) rather than numpy (one core, but
+a few microseconds less per call)."""
+
 
 @dataclass
 class HostBuffers:
@@ -81,7 +85,10 @@ def concat_batches(
         dense_out = torch.cat(dense, out=out.dense[:total])
         flat = out.values[:n]
         joined = out.offsets[: nf * total + 1]
-    np.concatenate(pieces, out=flat.numpy())
+    if n >= _PARALLEL_COPY:  # megabytes of ids: PyTorch's copies use every core
+        torch.cat([torch.from_numpy(p) for p in pieces], out=flat)
+    else:
+        np.concatenate(pieces, out=flat.numpy())
     lengths = np.concatenate(
         [np.diff(o).reshape(nf, sp.batch_size) for o, sp in zip(offsets, sparses, strict=True)],
         axis=1,
@@ -108,7 +115,10 @@ def _copy_one(dense: torch.Tensor, sparse: KeyedJagged, out: HostBuffers) -> Bat
         raise ValueError(f"batch of {b} items and {n} ids does not fit the buffers")
     head = len(sparse.keys) * b + 1
     np.copyto(out.dense[:b].numpy(), _host(dense))
-    np.copyto(out.values[:n].numpy(), _host(sparse.values))
+    if n >= _PARALLEL_COPY:
+        out.values[:n].copy_(sparse.values)
+    else:
+        np.copyto(out.values[:n].numpy(), _host(sparse.values))
     np.copyto(out.offsets[:head].numpy(), _host(sparse.offsets))
     weights = sparse.weights
     if weights is not None:
