@@ -164,3 +164,25 @@ def test_the_delay_is_not_climbed_when_nothing_goes_to_the_gpu() -> None:
     result = hill_climb(measure, TARGET, SchedConfig(), grids, start_qps=50.0)
     assert not result.best.config.uses_gpu
     assert all(c.config.gpu_max_delay == 0.0 for c in result.climbed)
+
+
+def test_hill_climb_reuses_known_configurations() -> None:
+    """A configuration measured before (a static baseline on the grid) is not measured again:
+    the climb takes that result, so tuned and static are read off the same probes."""
+    calls: list[int | None] = []
+    capacity = {16: 300.0, 32: 500.0, 64: 700.0, 128: 400.0, None: 100.0}
+
+    def measure(config: SchedConfig, qps: float) -> RunResult:
+        calls.append(config.sub_batch_size)
+        ok = qps <= capacity[config.sub_batch_size]
+        return RunResult(qps, 100, np.full(100, 0.001 if ok else 0.05), duration=1.0)
+
+    search = LoadSearch()
+    static = search.run(measure, SchedConfig(sub_batch_size=64), TARGET, 100.0)
+    calls.clear()
+    grids = Grids(sub_batch_size=(16, 32, 64, 128, None))
+    result = hill_climb(
+        measure, TARGET, SchedConfig(), grids, 100.0, search, known={static.config: static}
+    )
+    assert 64 not in calls and result.best is static
+    assert result.best.qps >= static.qps

@@ -325,7 +325,10 @@ def bench_model(
             for label, config in statics.items():
                 found[label] = search.run(measure, config, medium, start)
             b_only = Grids(sub_batch_size=grids.sub_batch_size)
-            climbs.append(hill_climb(measure, medium, SchedConfig(), b_only, start, search))
+            known = {r.config: r for r in found.values()}  # measured once, reused by the climb
+            climbs.append(
+                hill_climb(measure, medium, SchedConfig(), b_only, start, search, known=known)
+            )
             rec["hill_climb_cpu"] = climbs[0].to_dict()
             if has_gpu:
                 t_and_delay = Grids((), grids.gpu_threshold, grids.gpu_max_delay)

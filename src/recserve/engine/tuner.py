@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from recserve.engine.config import SchedConfig
@@ -187,6 +187,7 @@ def hill_climb(
     search: LoadSearch | None = None,
     incumbent: ConfigResult | None = None,
     patience: int = 1,
+    known: Mapping[SchedConfig, ConfigResult] | None = None,
 ) -> TuneResult:
     """DeepRecSched's hill climb: for each knob in turn, try its values in order, each from the
     same cold start load, until the sustainable QPS drops; keep the best and go on.
@@ -194,8 +195,13 @@ def hill_climb(
     ``incumbent`` is a configuration already measured (e.g. the CPU-only climb's result when
     climbing T next): the climb starts from it and compares against it. ``patience`` more
     values are tried after a drop before the knob is left (one noisy probe, or a value that
-    misses the target outright, must not end the climb)."""
+    misses the target outright, must not end the climb). ``known`` holds configurations
+    already measured under the same target (e.g. the static baselines, which sit on the b
+    grid): the climb takes their result instead of measuring them again, so each
+    configuration is measured once and the tuned result is read off the same probes as the
+    baseline it is compared with."""
     search = search or LoadSearch()
+    known = known or {}
     began = time.perf_counter()
     climbed: list[ConfigResult] = []
     best = incumbent
@@ -208,7 +214,7 @@ def hill_climb(
             candidate = config.with_(**{name: value})
             if best is not None and candidate == best.config:
                 continue
-            found = search.run(measure, candidate, target, start_qps)
+            found = known.get(candidate) or search.run(measure, candidate, target, start_qps)
             climbed.append(found)
             if best is not None and found.qps < best.qps:
                 drops += 1
