@@ -418,6 +418,32 @@ def device_model(model: RecModel, device: torch.device | str) -> RecModel:
     return fast
 
 
+def runner_model(
+    model: torch.nn.Module,
+    device: torch.device,
+    kernels: str = "triton",
+    buckets: Sequence[int] = DEFAULT_BUCKETS,
+    ids_per_item: int = 0,
+) -> tuple[torch.nn.Module, GPUPipeline | None]:
+    """What a batch runner serves on ``device``, and the pipeline that runs it: a recserve
+    model with the Triton tables, its whole forward captured now for every bucket (``kernels
+    == "triton"``), else a copy of the model as given, launched op by op. Off CUDA the model
+    itself, run as it is. ``model`` is left where it is."""
+    import copy
+
+    from recserve.loadgen.synthetic import QueryFactory
+    from recserve.models.base import RecModel
+
+    if device.type != "cuda":
+        return model, None
+    if kernels == "torch" or not isinstance(model, RecModel):
+        return copy.deepcopy(model).to(device), None
+    fast = device_model(model, device)
+    pipeline = GPUPipeline(fast, buckets=buckets)
+    pipeline.prepare(QueryFactory(fast.config, "uniform", seed=0).make, ids_per_item)
+    return fast, pipeline
+
+
 def _model_device(model: torch.nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device

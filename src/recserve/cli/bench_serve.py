@@ -11,7 +11,6 @@ PNG of p95 against offered load.
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime as dt
 import json
 import time
@@ -56,7 +55,7 @@ from recserve.loadgen.sizes import QuerySizes
 from recserve.loadgen.synthetic import QueryFactory
 from recserve.models.base import RecModel
 from recserve.models.registry import MODEL_NAMES, PRESETS, build_model
-from recserve.pipeline import GPUPipeline, device_model
+from recserve.pipeline import GPUPipeline, runner_model
 from recserve.types import Batch
 
 TARGETS_MS: dict[str, tuple[float, float, float]] = {
@@ -245,16 +244,14 @@ def tight_loop_qps(
 def runner_baseline(model: RecModel, engine: RecEngine) -> Callable[[Batch], torch.Tensor]:
     """What the engine's GPU runner calls, outside the engine: the same device model and
     pipeline buckets, every graph captured before timing (a separate copy in this process)."""
-    runner = engine.gpu_runner
     config = engine.engine_config
-    assert runner is not None and engine.device is not None
-    if not runner.pipeline:
-        return copy.deepcopy(model).to(engine.device).eval()
+    assert engine.device is not None
     top = max(config.max_query_items, config.sched.gpu_max_batch)
-    pipe = GPUPipeline(device_model(model, engine.device), buckets=runner_buckets(top))
     ids = config.max_ids_per_item or default_ids_per_item(model.config)
-    pipe.prepare(QueryFactory(model.config, "uniform", seed=0).make, ids)
-    return pipe
+    served, pipeline = runner_model(
+        model, engine.device, config.gpu_kernels, runner_buckets(top), ids
+    )
+    return pipeline if pipeline is not None else served.eval()
 
 
 def bench_model(

@@ -9,7 +9,6 @@ runner has its own threads. The loop body is the core's ``step``; this file is t
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import logging
 import os
@@ -38,9 +37,7 @@ from recserve.engine.shared import (
     save_shared_model,
     unlink_shared_model,
 )
-from recserve.loadgen.synthetic import QueryFactory
-from recserve.models.base import RecModel
-from recserve.pipeline import GPUPipeline, device_model
+from recserve.pipeline import runner_model
 from recserve.types import Batch
 
 log = logging.getLogger(__name__)
@@ -137,9 +134,11 @@ class RecEngine:
         need_file = config.cpu_workers > 0 or (self.device is not None and not in_process)
         if in_process:
             assert self.device is not None
-            runner_model, pipeline = self._runner_model(model, config, ids_per_item)
+            served, pipeline = runner_model(
+                model, self.device, config.gpu_kernels, runner_buckets(runner_items), ids_per_item
+            )
             self._gpu = GpuRunner(
-                runner_model.eval(),
+                served.eval(),
                 self.keys,
                 self.config.num_dense,
                 self.config.num_tasks,
@@ -196,23 +195,6 @@ class RecEngine:
                 self._gpu.wait_ready()  # started first: builds while the workers start
         finally:
             unlink_shared_model(path)
-
-    def _runner_model(
-        self, model: nn.Module, config: EngineConfig, ids_per_item: int
-    ) -> tuple[nn.Module, GPUPipeline | None]:
-        """The in-process runner's model, and the pipeline that runs it (graphs captured up
-        front)."""
-        assert self.device is not None
-        if self.device.type != "cuda":
-            return model, None
-        if config.gpu_kernels == "torch" or not isinstance(model, RecModel):
-            return copy.deepcopy(model).to(self.device), None  # the caller's model stays put
-        fast = device_model(model, self.device)
-        top = max(config.max_query_items, config.sched.gpu_max_batch)
-        pipeline = GPUPipeline(fast, buckets=runner_buckets(top))
-        factory = QueryFactory(self.config, "uniform", seed=0)
-        pipeline.prepare(factory.make, ids_per_item)
-        return fast, pipeline
 
     # -- the InferenceEngine protocol --------------------------------------------------------
 

@@ -234,22 +234,14 @@ class GpuProcessRunner:
 
 
 def _build(spec: RunnerSpec, device: torch.device) -> tuple[Any, Any]:
-    """``(model, pipeline)`` on ``device``: whole-forward graphs for a recserve model with the
-    Triton tables, else the model as given (op by op)."""
-    from recserve.loadgen.synthetic import QueryFactory
+    """``(model, pipeline)`` on ``device`` (see :func:`~recserve.pipeline.runner_model`)."""
     from recserve.models.base import RecModel
-    from recserve.pipeline import GPUPipeline, device_model
+    from recserve.pipeline import runner_model
 
-    model = load_shared_model(spec.model_path)
-    if device.type != "cuda":
-        return model, None
-    if spec.kernels == "torch" or not isinstance(model, RecModel):
-        return model.to(device), None
-    fast = device_model(model, device)
-    del model  # the mapped CPU copy: its pages are not needed any more
-    pipeline = GPUPipeline(fast, buckets=spec.buckets)
-    pipeline.prepare(QueryFactory(fast.config, "uniform", seed=0).make, spec.ids_per_item)
-    return fast, pipeline
+    mapped = load_shared_model(spec.model_path)
+    if device.type == "cuda" and (spec.kernels == "torch" or not isinstance(mapped, RecModel)):
+        return mapped.to(device), None  # this process's own copy: no need to copy it again
+    return runner_model(mapped, device, spec.kernels, spec.buckets, spec.ids_per_item)
 
 
 def _register(arena: StagingArena) -> bool:
