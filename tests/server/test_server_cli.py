@@ -90,10 +90,12 @@ def test_serve_rejects_missing_repository(
     assert "not a folder" in capsys.readouterr().err
 
 
-def test_bench_server_writes_summary_first(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["local", "rec"])
+def test_bench_server_writes_summary_first(tmp_path: Path, engine: str) -> None:
     opts = BenchOptions(
         preset="tiny", iters=5, warmup=1, concurrency=2, saturation_s=0.5, soak_s=2.0,
         soak_warmup_s=0.5, out=tmp_path, name="bench_server_test", device="cpu", frontends=1,
+        engine=engine,
     )  # fmt: skip
     path, _ = run_bench(opts)
     assert path == tmp_path / "cpu" / "bench_server_test.json"

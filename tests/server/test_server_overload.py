@@ -221,3 +221,27 @@ def test_rec_engine_behind_the_server(models: dict[str, RecModel]) -> None:
             results = list(pool.map(call, range(2 * len(batches))))
     for i, scores in enumerate(results):
         np.testing.assert_allclose(scores, reference(model, batches[i // 2]), rtol=1e-5, atol=1e-6)
+
+
+def test_engine_with_a_runner_process_behind_the_server() -> None:
+    """The engine's batch runner in a process of its own (here on the CPU, as on a GPU
+    machine): requests through HTTP and gRPC get the model's answers."""
+    from recserve.engine import EngineConfig, RecEngine, SchedConfig
+
+    def factory(model: torch.nn.Module, serving: ServingConfig) -> RecEngine:
+        sched = SchedConfig(sub_batch_size=None, gpu_threshold=0, gpu_max_batch=1024)
+        return RecEngine(model, EngineConfig(sched, cpu_workers=0, device="cpu"))
+
+    model = build_model("wnd", "tiny", seed=5)
+    settings = ServerSettings(
+        http_port=0, grpc_port=0, serving=ServingConfig(max_inflight_batches=3)
+    )
+    batches = [query(model.config, b, seed=b) for b in (2, 9, 64)]
+    with ServerThread(settings, factory, models={"wnd": model}) as server:
+        for i, batch in enumerate(batches * 2):
+            client = HTTPClient(server.http_url) if i % 2 else GRPCClient(server.grpc_url)
+            try:
+                scores = client.infer("wnd", model.config, batch)
+            finally:
+                client.close()
+            np.testing.assert_allclose(scores, reference(model, batch), rtol=1e-5, atol=1e-6)

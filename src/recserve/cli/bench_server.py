@@ -65,6 +65,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--device", default=d.device, help="cpu, cuda or auto")
     p.add_argument("--workers", type=int, default=d.workers, help="engine worker threads")
     p.add_argument(
+        "--engine",
+        choices=("local", "rec"),
+        default=d.engine,
+        help="engine behind the server and in-process alike: local (worker threads) or rec "
+        "(the DeepRecSys engine; on a GPU, its runner process)",
+    )
+    p.add_argument(
         "--frontends",
         type=int,
         default=None,
@@ -93,6 +100,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         soak_load=args.soak_load,
         device=args.device,
         workers=args.workers,
+        engine=args.engine,
         frontends=args.frontends,
         intra_op_threads=args.intra_op_threads,
         out=args.out,

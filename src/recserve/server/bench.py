@@ -38,11 +38,14 @@ import torch
 
 from recserve.bench.common import device_label, write_result
 from recserve.config import ModelConfig
+from recserve.engine.interface import InferenceEngine
 from recserve.loadgen.synthetic import QueryFactory
 from recserve.models import build_model, load_model, save_model
 from recserve.runtime import resolve_device
 from recserve.server.client import GRPCClient, HTTPClient, InferError
 from recserve.server.local_engine import LocalEngine
+from recserve.server.repository import ENGINES
+from recserve.server.settings import ServingConfig
 from recserve.types import Batch, validate_batch
 
 READY_LINE = re.compile(r"HTTP on (\S+):(\d+), gRPC on (\S+):(\d+)")
@@ -64,6 +67,9 @@ class BenchOptions:
     soak_warmup_s: float = 60.0
     device: str = "auto"
     workers: int = 1
+    engine: str = "local"
+    """The engine behind the server and in-process alike: ``local`` (worker threads calling the
+    model) or ``rec`` (the DeepRecSys engine: on a GPU, its runner process)."""
     frontends: int | None = None
     """Front-end processes of the server (None: ``min(4, cpu_count // 4)``, 0 on small
     machines); the in-process engine is the same either way."""
@@ -234,6 +240,26 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def inflight_batches(opts: BenchOptions) -> int:
+    """Engine calls the batcher keeps in flight: the runner's slots for ``rec``, else the
+    server's default."""
+    return 3 if opts.engine == "rec" else ServingConfig().max_inflight_batches
+
+
+def in_process_engine(model: torch.nn.Module, opts: BenchOptions) -> InferenceEngine:
+    """The engine the server runs, built the same way in this process."""
+    if opts.engine == "local":
+        return LocalEngine(model, workers=opts.workers, intra_op_threads=opts.intra_op_threads)
+    serving = ServingConfig(
+        device=opts.device,
+        workers=opts.workers,
+        intra_op_threads=opts.intra_op_threads,
+        max_items=max(4096, opts.batch),
+        max_inflight_batches=inflight_batches(opts),
+    )
+    return ENGINES[opts.engine](model, serving)
+
+
 class ServerProcess:
     """``python -m recserve.server`` on ephemeral loopback ports."""
 
@@ -246,6 +272,7 @@ class ServerProcess:
             "--log-level", "WARNING", "--intra-op-threads", str(opts.intra_op_threads),
             "--frontends", str(resolve_frontends(opts.frontends)),
             "--torch-threads", str(opts.intra_op_threads),
+            "--engine", opts.engine, "--max-inflight-batches", str(inflight_batches(opts)),
         ]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
@@ -404,15 +431,14 @@ def run_bench(opts: BenchOptions) -> tuple[Path, dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="recserve-bench-") as tmp:
         repo = Path(tmp)
         queries: dict[str, list[Batch]] = {}
-        engines: dict[str, LocalEngine] = {}
+        engines: dict[str, InferenceEngine] = {}
         for k, name in enumerate(opts.models):
             save_model(build_model(name, opts.preset, seed=opts.seed + k), repo / name)
-            model = load_model(repo / name, device=device)
+            # the DeepRecSys engine places the model itself (its runner process loads it)
+            model = load_model(repo / name, device=device if opts.engine == "local" else "cpu")
             factory = QueryFactory(model.config, seed=opts.seed + k)
             queries[name] = [factory.make(opts.batch) for _ in range(4)]
-            engines[name] = LocalEngine(
-                model, workers=opts.workers, intra_op_threads=opts.intra_op_threads
-            )
+            engines[name] = in_process_engine(model, opts)
         server = ServerProcess(repo, opts)
         try:
             latency = {
@@ -455,7 +481,7 @@ def run_bench(opts: BenchOptions) -> tuple[Path, dict[str, Any]]:
     return path, {"summary": summary, **body}
 
 
-def measure_latency(engine: LocalEngine, server: ServerProcess, name: str, queries: list[Batch],
+def measure_latency(engine: InferenceEngine, server: ServerProcess, name: str, queries: list[Batch],
                     opts: BenchOptions, rounds: int = 5) -> dict[str, Any]:  # fmt: skip
     """Sequential queries: in-process, HTTP and gRPC, interleaved in ``rounds``."""
     config = engine.config
@@ -490,7 +516,7 @@ def measure_latency(engine: LocalEngine, server: ServerProcess, name: str, queri
     return result
 
 
-def measure_saturation(engine: LocalEngine, server: ServerProcess, name: str,
+def measure_saturation(engine: InferenceEngine, server: ServerProcess, name: str,
                        queries: list[Batch], opts: BenchOptions, rounds: int = 2) -> dict[str, Any]:  # fmt: skip
     """Closed-loop QPS with ``concurrency`` callers: in-process, HTTP, gRPC, interleaved."""
     config = engine.config

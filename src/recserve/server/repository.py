@@ -59,17 +59,28 @@ def local_engine_factory(model: torch.nn.Module, serving: ServingConfig) -> Infe
 
 
 def rec_engine_factory(model: torch.nn.Module, serving: ServingConfig) -> InferenceEngine:
-    """The DeepRecSys engine (:class:`~recserve.engine.RecEngine`): CPU worker processes, and
-    the batch runner on the GPU when ``serving.device`` is ``cuda``/``auto`` with one present.
-    Give it ``max_inflight_batches`` of about its workers, so the batcher keeps them all busy."""
-    from recserve.engine import EngineConfig, RecEngine
+    """The DeepRecSys engine (:class:`~recserve.engine.RecEngine`). On a GPU (``serving.device``
+    ``cuda``/``auto`` with one present): every batch the batcher forms goes to the engine's GPU
+    runner process (whole-forward CUDA graphs, its host work off the server's interpreter
+    lock); on the CPU: CPU worker processes, the batches split DeepRecSys-style. Give it
+    ``max_inflight_batches`` of about its workers (or runner slots), so the batcher keeps them
+    all busy."""
+    from recserve.engine import EngineConfig, RecEngine, SchedConfig
 
-    runner = "none" if serving.device == "cpu" else serving.device
-    config = EngineConfig(
-        device=runner,
-        max_query_items=max(serving.max_items, serving.max_batch_items),
-        queue_capacity=max(serving.engine_queue, serving.max_inflight_batches),
-    )
+    device = resolve_device(serving.device)
+    items = max(serving.max_items, serving.max_batch_items)
+    queue = max(serving.engine_queue, serving.max_inflight_batches)
+    if device.type == "cuda":
+        config = EngineConfig(
+            sched=SchedConfig(sub_batch_size=None, gpu_threshold=0, gpu_max_batch=items),
+            cpu_workers=0,
+            device=str(device),
+            max_query_items=items,
+            queue_capacity=queue,
+            gpu_max_inflight=max(2, serving.max_inflight_batches),
+        )
+    else:
+        config = EngineConfig(device="none", max_query_items=items, queue_capacity=queue)
     return RecEngine(model.cpu(), config)
 
 
