@@ -120,7 +120,8 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
         choices=sorted(ENGINES),
         default="local",
         help="local: worker threads calling the model (default); rec: the DeepRecSys engine "
-        "(CPU worker processes + GPU runner; raise --max-inflight-batches to its workers)",
+        "(on a GPU its runner process takes every batch; on the CPU, worker processes: raise "
+        "--max-inflight-batches to about the workers or runner slots)",
     )
     p.add_argument(
         "--frontends",
