@@ -255,3 +255,18 @@ def test_runner_config_is_checked() -> None:
         EngineConfig(gpu_runner="fiber")
     with pytest.raises(ValueError, match="gpu_max_inflight"):
         EngineConfig(gpu_max_inflight=0)
+
+
+def test_runner_replies_are_read_whole_across_partial_reads() -> None:
+    """Reply records (an error text of any length included) come out whole and in order,
+    however the socket splits the bytes."""
+    from recserve.engine.gpu_process import pack_reply, take_replies
+
+    records = [(0, None), (2, "GPU runner: ValueError: é" * 300), (1, None), (0, "x")]
+    stream = b"".join(pack_reply(slot, err) for slot, err in records)
+    for step in (1, 7, 16, 100, len(stream)):
+        buf, got = bytearray(), []
+        for start in range(0, len(stream), step):
+            buf += stream[start : start + step]
+            got += take_replies(buf)
+        assert got == records and not buf

@@ -48,6 +48,23 @@ _REPLY = struct.Struct("<qq")
 """Runner -> engine: slot, then the length of an error text that follows (0: answered)."""
 
 
+def take_replies(buf: bytearray) -> list[tuple[int, str | None]]:
+    """The complete reply records at the head of ``buf`` (removed from it), as ``(slot, error
+    text or None)``; a partial record stays for the next read."""
+    replies: list[tuple[int, str | None]] = []
+    start = 0
+    while len(buf) - start >= _REPLY.size:
+        slot, length = _REPLY.unpack_from(buf, start)
+        end = start + _REPLY.size + length
+        if len(buf) < end:
+            break
+        text = bytes(buf[start + _REPLY.size : end]).decode() if length else None
+        replies.append((slot, text))
+        start = end
+    del buf[:start]
+    return replies
+
+
 class RunnerDied(RuntimeError):
     """The GPU runner process exited while batches were in it."""
 
@@ -177,17 +194,11 @@ class GpuProcessRunner:
         if not data:  # end of file: the runner is gone
             self._die(out)
             return out
-        buf = self._buf
-        buf += data
-        while len(buf) >= _REPLY.size:
-            slot, length = _REPLY.unpack_from(buf)
-            if len(buf) < _REPLY.size + length:
-                break
-            error = bytes(buf[_REPLY.size : _REPLY.size + length]).decode()
-            del buf[: _REPLY.size + length]
+        self._buf += data
+        for slot, error in take_replies(self._buf):
             head, queries, b = self._inflight.popleft()
             assert head == slot, f"runner answered slot {slot}, expected {head}"
-            if not length:
+            if error is None:
                 out.extend(_split(queries, self.arena.out[slot, :b], copy=True))
             else:
                 out.extend(
@@ -299,9 +310,14 @@ def _next_request(sock: socket.socket) -> tuple[int, int, int] | None:
     return None if slot < 0 else (slot, b, n)
 
 
-def _reply(sock: socket.socket, slot: int, error: str | None) -> None:
+def pack_reply(slot: int, error: str | None) -> bytes:
+    """The runner's reply record for ``slot``: answered (``error`` None) or failed."""
     text = (error or "").encode()
-    sock.sendall(_REPLY.pack(slot, len(text)) + text)
+    return _REPLY.pack(slot, len(text)) + text
+
+
+def _reply(sock: socket.socket, slot: int, error: str | None) -> None:
+    sock.sendall(pack_reply(slot, error))
 
 
 def _cpu_loop(spec: RunnerSpec, sock: socket.socket, model: Any, arena: StagingArena) -> None:
