@@ -270,3 +270,29 @@ def test_runner_replies_are_read_whole_across_partial_reads() -> None:
             buf += stream[start : start + step]
             got += take_replies(buf)
         assert got == records and not buf
+
+
+def test_stop_is_not_lost_between_the_loop_check_and_its_clear(model) -> None:
+    """``close`` sets the stop flag, then wakes the loop. If both land just before the loop
+    clears its wake-ups, the loop must still see the flag (it used to sleep forever)."""
+    config = EngineConfig(cpu_workers=0, device="cpu", gpu_runner="thread")
+    eng = RecEngine(model, config)
+    real_clear, armed = eng._waker.clear, [True]
+
+    def racing_clear() -> None:
+        if armed[0]:  # close's two steps, right before the loop clears
+            armed[0] = False
+            eng._stop = True
+            eng._waker.wake()
+        real_clear()
+
+    try:
+        eng._waker.clear = racing_clear  # type: ignore[method-assign]
+        eng._waker.wake()
+        eng._thread.join(timeout=10)
+        assert not eng._thread.is_alive()
+    finally:
+        eng._stop = True
+        eng._waker.wake()
+        eng._thread.join(timeout=10)
+        eng._shutdown_executors()

@@ -268,8 +268,14 @@ class RecEngine:
     # -- the loop thread ----------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while not self._stop:
+        while True:
+            # Clear first, then read the flags: a flag is set before its wake-up is written, so
+            # either this pass sees it or the byte stays for the next wait. (Reading ``_stop``
+            # before clearing lost the wake-up of ``close`` when both fell in between, and the
+            # loop then slept forever with ``close`` waiting to join it.)
             self._waker.clear()
+            if self._stop:
+                return
             if self._new_sched is not None:
                 self.core.step()  # queries submitted before the change keep the old schedule
                 self.core.scheduler.set_config(self._new_sched)
