@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
+import select
 import time
 import traceback
 from collections import deque
@@ -165,22 +166,24 @@ class CpuWorkerPool:
 
     def poll(self) -> list[Completion]:
         out, self._errors = self._errors, []
-        for worker, queued in enumerate(self._queued):
-            conn = self._conns[worker]
-            while queued:
-                try:
-                    if not conn.poll():
-                        break
-                    reply = conn.recv()
-                except (EOFError, OSError):
-                    self._dead.add(worker)
-                    died = WorkerDied(
-                        f"CPU worker {worker} exited (code {self._procs[worker].exitcode})"
-                    )
-                    while queued:  # everything it held fails; nothing is lost silently
-                        out.append(self._finish_part(queued.popleft(), died))
-                    break
-                out.append(self._finish_part(queued.popleft(), reply))
+        busy = {self._conns[w]: w for w, queued in enumerate(self._queued) if queued}
+        if not busy:
+            return out
+        ready, _, _ = select.select(list(busy), [], [], 0)  # one call, not a selector per pipe
+        for conn in ready:
+            worker = busy[conn]
+            queued = self._queued[worker]
+            try:
+                reply = conn.recv()  # one per step: a second waiting reply wakes the loop again
+            except (EOFError, OSError):
+                self._dead.add(worker)
+                died = WorkerDied(
+                    f"CPU worker {worker} exited (code {self._procs[worker].exitcode})"
+                )
+                while queued:  # everything it held fails; nothing is lost silently
+                    out.append(self._finish_part(queued.popleft(), died))
+                continue
+            out.append(self._finish_part(queued.popleft(), reply))
         return out
 
     def _finish_part(self, sub: SubBatch, reply: Any) -> Completion:
