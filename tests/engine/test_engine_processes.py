@@ -277,7 +277,7 @@ def test_stop_is_not_lost_between_the_loop_check_and_its_clear(model) -> None:
     clears its wake-ups, the loop must still see the flag (it used to sleep forever)."""
     config = EngineConfig(cpu_workers=0, device="cpu", gpu_runner="thread")
     eng = RecEngine(model, config)
-    real_clear, armed = eng._waker.clear, [True]
+    real_clear, armed = eng._waker.clear, [False]
 
     def racing_clear() -> None:
         if armed[0]:  # close's two steps, right before the loop clears
@@ -288,6 +288,9 @@ def test_stop_is_not_lost_between_the_loop_check_and_its_clear(model) -> None:
 
     try:
         eng._waker.clear = racing_clear  # type: ignore[method-assign]
+        # A round trip through the loop: from here on its next clear is the patched one.
+        eng.set_schedule(SchedConfig(sub_batch_size=None, gpu_threshold=0))
+        armed[0] = True
         eng._waker.wake()
         eng._thread.join(timeout=10)
         assert not eng._thread.is_alive()
