@@ -424,12 +424,14 @@ def runner_model(
     kernels: str = "triton",
     buckets: Sequence[int] = DEFAULT_BUCKETS,
     ids_per_item: int = 0,
+    copy: bool = True,
 ) -> tuple[torch.nn.Module, GPUPipeline | None]:
     """What a batch runner serves on ``device``, and the pipeline that runs it: a recserve
     model with the Triton tables, its whole forward captured now for every bucket (``kernels
     == "triton"``), else a copy of the model as given, launched op by op. Off CUDA the model
-    itself, run as it is. ``model`` is left where it is."""
-    import copy
+    itself, run as it is. ``model`` is left where it is unless ``copy`` is false (a caller
+    whose model is its own may have it moved instead of copied)."""
+    import copy as copying
 
     from recserve.loadgen.synthetic import QueryFactory
     from recserve.models.base import RecModel
@@ -437,7 +439,7 @@ def runner_model(
     if device.type != "cuda":
         return model, None
     if kernels == "torch" or not isinstance(model, RecModel):
-        return copy.deepcopy(model).to(device), None
+        return (copying.deepcopy(model) if copy else model).to(device), None
     fast = device_model(model, device)
     pipeline = GPUPipeline(fast, buckets=buckets)
     pipeline.prepare(QueryFactory(fast.config, "uniform", seed=0).make, ids_per_item)

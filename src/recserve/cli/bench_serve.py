@@ -269,10 +269,12 @@ def bench_model(
     factory = QueryFactory(model.config, opts["ids"], seed=opts["seed"])
     pool = QueryPool(factory, QuerySizes.parse(opts["sizes"]), seed=opts["seed"])
     rec["build_s"] = round(time.monotonic() - began, 2)
-    extras = time.monotonic()  # the first model's one-off measurements: not from its share
+    one_off = 0.0  # seconds of the first model's one-off measurements: not from its share
     if first:
+        t0 = time.monotonic()
         rec["cpu_overhead"] = cpu_overhead(model, pool)
         console.print(f"  CPU path: {rec['cpu_overhead']}")
+        one_off += time.monotonic() - t0
     workers = opts["workers"]
     t0 = time.monotonic()
     engine = RecEngine(
@@ -285,14 +287,13 @@ def bench_model(
         ),
     )
     rec["engine_start_s"] = round(time.monotonic() - t0, 2)
-    extras = time.monotonic() - extras - rec["engine_start_s"] if first else 0.0
     try:
         has_gpu = engine.device is not None
         rec["runner_device"] = str(engine.device) if has_gpu else "none"
         if first and engine.cpu_pool is not None:
             t0 = time.monotonic()
             rec["memory"] = worker_memory(engine, model)
-            extras += time.monotonic() - t0
+            one_off += time.monotonic() - t0
         if has_gpu:
             device = engine.device
             assert device is not None
@@ -307,10 +308,10 @@ def bench_model(
                 with RecEngine(model, config) as alone:
                     rec[f"runner_overhead_{other}"] = runner_overhead(model, alone, pool)
                 console.print(f"  GPU runner ({other}): {rec[f'runner_overhead_{other}']}")
-                extras += time.monotonic() - t0
+                one_off += time.monotonic() - t0
         if first:
-            rec["one_off_s"] = round(extras, 1)
-            deadline += extras
+            rec["one_off_s"] = round(one_off, 1)
+            deadline += one_off
         measure = timed(engine_measure(engine, pool, opts["plan"], medium), deadline)
         start = 0.5 * saturation_qps(engine, pool, STATIC_CPU["cpu-whole"], seconds=0.5)
         search = LoadSearch(rel_tol=0.05)

@@ -160,11 +160,17 @@ class RecEngine:
         runner_spec = ArenaSpec.for_model(
             self.config, config.gpu_max_inflight, runner_items, ids_per_item
         )
-        nbytes = model_nbytes(model) + pool_spec.nbytes * (config.cpu_workers > 0)
-        folder = pick_shared_dir(nbytes + runner_spec.nbytes, config.shared_dir)
+        use_process = self.device is not None and not in_process
+        nbytes = (
+            model_nbytes(model)
+            + pool_spec.nbytes * (config.cpu_workers > 0)
+            + runner_spec.nbytes * use_process
+        )
+        folder = pick_shared_dir(nbytes, config.shared_dir)
         path = save_shared_model(model, folder)
         try:
-            if self.device is not None and not in_process:
+            if use_process:
+                assert self.device is not None
                 self._gpu = GpuProcessRunner(
                     RunnerSpec(
                         str(path),

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from recserve.engine.batching import HostBuffers, concat_batches
-from recserve.engine.gpu_runner import _split
+from recserve.engine.gpu_runner import split_output
 from recserve.engine.request import Completion, Query
 from recserve.engine.shared import ArenaSpec, StagingArena, load_shared_model
 
@@ -199,7 +199,7 @@ class GpuProcessRunner:
             head, queries, b = self._inflight.popleft()
             assert head == slot, f"runner answered slot {slot}, expected {head}"
             if error is None:
-                out.extend(_split(queries, self.arena.out[slot, :b], copy=True))
+                out.extend(split_output(queries, self.arena.out[slot, :b], copy=True))
             else:
                 out.extend(
                     Completion(q, 0, q.num_items, error=RuntimeError(error)) for q in queries
@@ -246,13 +246,10 @@ class GpuProcessRunner:
 
 def _build(spec: RunnerSpec, device: torch.device) -> tuple[Any, Any]:
     """``(model, pipeline)`` on ``device`` (see :func:`~recserve.pipeline.runner_model`)."""
-    from recserve.models.base import RecModel
     from recserve.pipeline import runner_model
 
-    mapped = load_shared_model(spec.model_path)
-    if device.type == "cuda" and (spec.kernels == "torch" or not isinstance(mapped, RecModel)):
-        return mapped.to(device), None  # this process's own copy: no need to copy it again
-    return runner_model(mapped, device, spec.kernels, spec.buckets, spec.ids_per_item)
+    mapped = load_shared_model(spec.model_path)  # this process's own: moved, not copied
+    return runner_model(mapped, device, spec.kernels, spec.buckets, spec.ids_per_item, copy=False)
 
 
 def _register(arena: StagingArena) -> bool:
@@ -316,6 +313,11 @@ def pack_reply(slot: int, error: str | None) -> bytes:
     return _REPLY.pack(slot, len(text)) + text
 
 
+def _describe(err: BaseException) -> str:
+    """An error's text as the engine reports it for the batch's queries."""
+    return f"GPU runner: {type(err).__name__}: {err}"
+
+
 def _reply(sock: socket.socket, slot: int, error: str | None) -> None:
     sock.sendall(pack_reply(slot, error))
 
@@ -327,7 +329,7 @@ def _cpu_loop(spec: RunnerSpec, sock: socket.socket, model: Any, arena: StagingA
         try:
             arena.out[slot, :b] = model(arena.batch(slot, b, n, spec.keys))
         except Exception as err:  # reported to the engine, which fails the batch's queries
-            error = f"GPU runner: {type(err).__name__}: {err}"
+            error = _describe(err)
         try:
             _reply(sock, slot, error)
         except OSError:
@@ -368,7 +370,7 @@ class _CudaLoop:
                 try:
                     self.pending.put((slot, b, self._launch(slot, b, n), None))
                 except Exception as err:
-                    self.pending.put((slot, b, None, f"GPU runner: {type(err).__name__}: {err}"))
+                    self.pending.put((slot, b, None, _describe(err)))
         finally:
             self.pending.put(None)
             done.join(timeout=30)
@@ -394,7 +396,7 @@ class _CudaLoop:
                     if not self.registered:
                         self.arena.out[slot, :b].copy_(self.out[slot, :b])
                 except Exception as err:
-                    error = f"GPU runner: {type(err).__name__}: {err}"
+                    error = _describe(err)
             try:
                 _reply(self.sock, slot, error)
             except OSError:

@@ -134,7 +134,7 @@ class GpuRunner:
 
     def _run_here(self, queries: list[Query]) -> None:
         batch = concat_batches([q.batch for q in queries if q.batch is not None], self.keys)
-        self._finish(_split(queries, self.model(batch), copy=False))
+        self._finish(split_output(queries, self.model(batch), copy=False))
 
     def _launch(self, queries: list[Query], slot: _Slot) -> None:
         if slot.copied is not None:
@@ -186,12 +186,12 @@ class GpuRunner:
             try:
                 assert slot.computed is not None
                 slot.computed.synchronize()
-                self._finish(_split(queries, slot.out[:b], copy=True))
+                self._finish(split_output(queries, slot.out[:b], copy=True))
             except Exception as err:
                 self._fail(queries, err)
 
 
-def _split(queries: list[Query], out: torch.Tensor, copy: bool) -> list[Completion]:
+def split_output(queries: list[Query], out: torch.Tensor, copy: bool) -> list[Completion]:
     """One completion per query; ``copy`` when ``out`` is a buffer that will be reused."""
     done, start = [], 0
     for q in queries:

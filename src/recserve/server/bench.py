@@ -38,6 +38,7 @@ import torch
 
 from recserve.bench.common import device_label, write_result
 from recserve.config import ModelConfig
+from recserve.engine.config import EngineConfig
 from recserve.engine.interface import InferenceEngine
 from recserve.loadgen.synthetic import QueryFactory
 from recserve.models import build_model, load_model, save_model
@@ -243,7 +244,9 @@ def _children(pid: int) -> list[int]:
 def inflight_batches(opts: BenchOptions) -> int:
     """Engine calls the batcher keeps in flight: the runner's slots for ``rec``, else the
     server's default."""
-    return 3 if opts.engine == "rec" else ServingConfig().max_inflight_batches
+    if opts.engine == "rec":
+        return EngineConfig().gpu_max_inflight
+    return ServingConfig().max_inflight_batches
 
 
 def in_process_engine(model: torch.nn.Module, opts: BenchOptions) -> InferenceEngine:
