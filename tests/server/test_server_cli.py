@@ -94,6 +94,7 @@ def test_serve_rejects_missing_repository(
 def test_bench_server_writes_summary_first(tmp_path: Path, engine: str) -> None:
     opts = BenchOptions(
         preset="tiny", iters=5, warmup=1, concurrency=2, saturation_s=0.5, soak_s=2.0,
+        saturation_levels=(1, 3),
         soak_warmup_s=0.5, out=tmp_path, name="bench_server_test", device="cpu", frontends=1,
         engine=engine,
     )  # fmt: skip
@@ -116,3 +117,8 @@ def test_bench_server_writes_summary_first(tmp_path: Path, engine: str) -> None:
     for name in ("wnd", "dlrm-rmc2"):
         for proto in ("http", "grpc"):
             assert data["latency"][name][proto]["max_abs_diff_vs_inprocess"] < 1e-5
+    saturation = data["saturation"]
+    assert [lv["callers"] for lv in saturation["levels"]] == [1, 3]
+    for proto in ("inprocess", "http", "grpc"):  # each side's best level is its saturation QPS
+        best = max(lv[proto]["qps"] for lv in saturation["levels"])
+        assert saturation[proto]["qps"] == best > 0 and saturation[proto]["errors"] == 0

@@ -244,3 +244,94 @@ def test_http_body_errors() -> None:
     with pytest.raises(InvalidArgument, match="unknown output 'probs'"):
         text = json.dumps(header).encode()
         decode_infer_request(text + body[hlen:], len(text), sig)
+
+
+def fast_args(tensors: dict[str, WireTensor], order: list[str] | None = None):  # type: ignore[no-untyped-def]
+    names = order if order is not None else list(tensors)
+    return (
+        names,
+        [tensors[n].datatype for n in names],
+        [list(tensors[n].shape) for n in names],
+        [tensors[n].data.tobytes() for n in names],
+    )
+
+
+@pytest.mark.parametrize("name", ["wnd", "dlrm-rmc2", "ncf", "din", "dien", "mt-wnd"])
+def test_fast_path_equals_tensor_by_tensor(name: str) -> None:
+    config = get_config(name, "tiny")
+    sig = ModelSignature(config, max_items=100)
+    batch = query(config, 9)  # bag sizes vary, empty bags included
+    tensors = wire(batch, config)
+    fast = sig.fast_batch(*fast_args(tensors, list(tensors)[::-1]))  # any order of the inputs
+    assert fast is not None
+    same(fast, batch)
+    same(fast, sig.to_batch(tensors))
+    fast.dense.add_(1)  # its own memory: writable, and never aliases the request's bytes
+    fast.sparse.values.add_(1)
+    assert torch.equal(sig.fast_batch(*fast_args(tensors)).dense, batch.dense)  # type: ignore[union-attr]
+
+
+def _with(
+    tensors: dict[str, WireTensor], name: str, data: np.ndarray, shape=None
+) -> dict[str, WireTensor]:  # type: ignore[no-untyped-def]
+    out = dict(tensors)
+    old = tensors[name]
+    out[name] = WireTensor(name, old.datatype, tuple(data.shape) if shape is None else shape, data)
+    return out
+
+
+def test_fast_path_leaves_every_irregular_request_to_the_named_errors() -> None:
+    config = get_config("wnd", "tiny")
+    sig = ModelSignature(config, max_items=8)
+    tensors = wire(query(config, 4), config)
+    key = config.feature_keys[0]
+    offsets = tensors[f"{key}.offsets"].data
+    dense = tensors["dense"].data.reshape(4, -1)
+    lengths = dict(tensors)
+    del lengths[f"{key}.offsets"]
+    lengths[f"{key}.lengths"] = WireTensor(f"{key}.lengths", "INT64", (4,), np.diff(offsets))
+    cases = {
+        "must start at 0": _with(tensors, f"{key}.offsets", offsets + 1),
+        "ends at": _with(tensors, f"{key}.offsets", np.append(offsets[:-1], offsets[-1] + 1)),
+        r"expected B \+ 1": _with(tensors, f"{key}.offsets", offsets[:-1]),
+        "expected shape": _with(tensors, "dense", dense[:, :-1]),
+        "over the limit": wire(query(config, 9), config),
+        "missing input": {k: v for k, v in tensors.items() if k != f"{key}.values"},
+        "is given twice": None,
+        "lengths": lengths,
+    }
+    for words, case in cases.items():
+        if case is None:  # the same input twice
+            args = fast_args(tensors, [*list(tensors)[:-1], next(iter(tensors))])
+            assert sig.fast_batch(*args) is None
+            continue
+        assert sig.fast_batch(*fast_args(case)) is None, words
+        if words == "expected shape":  # a header check, made as the body is read
+            with pytest.raises(InvalidArgument, match=words):
+                sig.check_input("dense", "FP32", list(case["dense"].shape))
+        elif words != "lengths":
+            with pytest.raises(InvalidArgument, match=words):
+                sig.to_batch(case)
+    same(sig.to_batch(lengths), sig.fast_batch(*fast_args(tensors)))  # type: ignore[arg-type]
+    # a bool where an int belongs, a short byte string: not the common layout either
+    names, datatypes, shapes, buffers = fast_args(tensors)
+    shapes[0] = [4, True] if names[0] == "dense" else [True]
+    assert sig.fast_batch(names, datatypes, shapes, buffers) is None
+    names, datatypes, shapes, buffers = fast_args(tensors)
+    buffers[-1] = buffers[-1][:-8]
+    assert sig.fast_batch(names, datatypes, shapes, buffers) is None
+
+
+def test_fast_path_validates_like_the_model() -> None:
+    config = get_config("wnd", "tiny")
+    sig = ModelSignature(config, max_items=8)
+    tensors = wire(query(config, 4, jitter=False), config)
+    key = config.feature_keys[1]
+    values = tensors[f"{key}.values"].data.copy()
+    values[-1] = config.table(key).num_rows
+    with pytest.raises(InvalidArgument, match=f"feature '{key}': id {values[-1]} out of range"):
+        sig.fast_batch(*fast_args(_with(tensors, f"{key}.values", values)))
+    dense = tensors["dense"].data.copy()
+    dense[5] = np.nan
+    with pytest.raises(InvalidArgument, match="non-finite"):
+        sig.fast_batch(*fast_args(_with(tensors, "dense", dense, tensors["dense"].shape)))

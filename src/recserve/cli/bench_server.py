@@ -16,8 +16,8 @@ from typing import Any
 from recserve.models.registry import PRESETS
 from recserve.server.bench import BenchOptions, run_bench
 
-QUICK = {"preset": "small", "iters": 100, "warmup": 10, "concurrency": 4, "saturation_s": 6.0,
-         "soak_s": 30.0, "soak_warmup_s": 10.0}  # fmt: skip
+QUICK = {"preset": "small", "iters": 100, "warmup": 10, "concurrency": 4, "saturation_s": 4.0,
+         "saturation_levels": (4, 16), "soak_s": 30.0, "soak_warmup_s": 10.0}  # fmt: skip
 """``--quick``: what runs on a 2-core CPU machine in about a minute and a half."""
 
 
@@ -41,7 +41,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--concurrency",
         type=int,
         default=None,
-        help=f"closed-loop clients at saturation (default {d.concurrency})",
+        help=f"soak client threads (4x this) and server queue bound (64x this) "
+        f"(default {d.concurrency})",
+    )
+    p.add_argument(
+        "--saturation-levels",
+        type=int,
+        nargs="+",
+        default=None,
+        help="concurrent closed-loop callers tried at saturation, each side's best level counts "
+        f"(default {' '.join(map(str, d.saturation_levels))})",
     )
     p.add_argument(
         "--saturation-s",
@@ -94,6 +103,10 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         value = getattr(args, key)
         if value is not None:
             fields[key] = value
+    if args.saturation_levels is not None:
+        if min(args.saturation_levels) < 1:
+            raise SystemExit("--saturation-levels: each level must be >= 1")
+        fields["saturation_levels"] = tuple(args.saturation_levels)
     return BenchOptions(
         models=tuple(args.models),
         batch=args.batch,

@@ -62,7 +62,14 @@ class BenchOptions:
     latency_model: str = "wnd"
     """Model of the saturation and soak runs."""
     concurrency: int = 8
+    """Closed-loop callers of the soak's thread pools (``4 *`` this) and the server's queue
+    bound (``64 *`` this)."""
+    saturation_levels: tuple[int, ...] = (8, 32, 64)
+    """Concurrent closed-loop callers tried at saturation, on each side alike; each side's
+    saturation QPS is its best level (a closed loop with too few callers measures latency,
+    not capacity: QPS = callers / latency)."""
     saturation_s: float = 15.0
+    """Seconds per side at each level (in rounds that interleave the sides)."""
     soak_s: float = 600.0
     soak_load: float = 0.8
     soak_warmup_s: float = 60.0
@@ -146,21 +153,29 @@ def closed_loop_processes(
     model: str,
     config: ModelConfig,
     queries: list[Batch],
-    processes: int,
+    callers: int,
     seconds: float,
+    processes: int | None = None,
 ) -> dict[str, Any]:
-    """Like :func:`closed_loop` over the network, with one client per process (a Python
-    client's encoding would otherwise share one GIL and limit the load it can offer).
-    Processes start, connect and send one query before the timed window opens for all."""
+    """Like :func:`closed_loop` over the network: ``callers`` clients spread over ``processes``
+    client processes (default: one each, at most half the machine's cores), each caller a thread
+    with its own connection, so the clients' encoding does not share one GIL and limit the load
+    they offer. Processes start, connect and send one query before the timed window opens."""
+    if processes is None:
+        processes = max(1, min(callers, (os.cpu_count() or 2) // 2))
+    processes = min(processes, callers)
+    shares = [callers // processes + (k < callers % processes) for k in range(processes)]
     ctx = mp.get_context("spawn")
     pipes, procs = [], []
+    first = 0
     for k in range(processes):
         parent, child = ctx.Pipe()
         proc = ctx.Process(
             target=_client_process,
-            args=(proto, url, model, config, queries, k, child),
+            args=(proto, url, model, config, queries, first, shares[k], child),
             daemon=True,
         )
+        first += shares[k]
         proc.start()
         pipes.append(parent)
         procs.append(proc)
@@ -183,7 +198,7 @@ def closed_loop_processes(
         "queries": done,
         "errors": sum(r[1] for r in results),
         "seconds": seconds,
-        "threads": processes,
+        "threads": callers,
         "client_processes": processes,
     }
 
@@ -194,26 +209,38 @@ def _client_process(
     model: str,
     config: ModelConfig,
     queries: list[Batch],
-    k: int,
+    first: int,
+    threads: int,
     conn: Any,
 ) -> None:
     torch.set_num_threads(1)
-    client = HTTPClient(url) if proto == "http" else GRPCClient(url)
-    client.infer(model, config, queries[k % len(queries)])
+    clients = [HTTPClient(url) if proto == "http" else GRPCClient(url) for _ in range(threads)]
+    for k, client in enumerate(clients):
+        client.infer(model, config, queries[(first + k) % len(queries)])
     conn.send("ready")
     start, seconds = conn.recv()
-    while time.time() < start:
-        time.sleep(0.001)
-    stop, done, errors, i = start + seconds, 0, 0, k
-    while time.time() < stop:
-        try:
-            client.infer(model, config, queries[i % len(queries)])
-            done += 1
-        except InferError:
-            errors += 1
-        i += 1
-    client.close()
-    conn.send((done, errors))
+    stop = start + seconds
+    counts = [[0, 0] for _ in clients]
+
+    def loop(k: int) -> None:
+        client, i = clients[k], first + k
+        while time.time() < start:
+            time.sleep(0.001)
+        while time.time() < stop:
+            try:
+                client.infer(model, config, queries[i % len(queries)])
+                counts[k][0] += 1
+            except InferError:
+                counts[k][1] += 1
+            i += threads
+        client.close()
+
+    workers = [threading.Thread(target=loop, args=(k,), daemon=True) for k in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    conn.send((sum(c[0] for c in counts), sum(c[1] for c in counts)))
 
 
 def resolve_frontends(frontends: int | None) -> int:
@@ -521,27 +548,35 @@ def measure_latency(engine: InferenceEngine, server: ServerProcess, name: str, q
 
 def measure_saturation(engine: InferenceEngine, server: ServerProcess, name: str,
                        queries: list[Batch], opts: BenchOptions, rounds: int = 2) -> dict[str, Any]:  # fmt: skip
-    """Closed-loop QPS with ``concurrency`` callers: in-process, HTTP, gRPC, interleaved."""
+    """Closed-loop QPS at each of ``opts.saturation_levels`` concurrent callers: in-process,
+    HTTP, gRPC, interleaved in ``rounds`` at each level. Each side's saturation QPS is its best
+    level."""
     config = engine.config
-
-    runs: dict[str, list[dict[str, Any]]] = {p: [] for p in ("inprocess", "http", "grpc")}
     urls = {"http": server.http_url, "grpc": server.grpc_url}
     seconds = opts.saturation_s / rounds
-    for _ in range(rounds):
-        runs["inprocess"].append(
-            closed_loop(lambda: lambda b: engine.submit(b).result(), queries, opts.concurrency,
-                        seconds)
-        )  # fmt: skip
-        for proto, url in urls.items():  # clients in processes: the load is not GIL-bound
-            runs[proto].append(
-                closed_loop_processes(proto, url, name, config, queries, opts.concurrency, seconds)
-            )
-    result: dict[str, Any] = {"model": name}
-    for proto, parts in runs.items():
-        seconds = sum(p["seconds"] for p in parts)
-        done = sum(p["queries"] for p in parts)
-        result[proto] = {"qps": done / seconds, "queries": done, "seconds": seconds,
-                         "errors": sum(p["errors"] for p in parts), "threads": opts.concurrency}  # fmt: skip
+    levels: list[dict[str, Any]] = []
+    for callers in opts.saturation_levels:
+        runs: dict[str, list[dict[str, Any]]] = {p: [] for p in ("inprocess", "http", "grpc")}
+        for _ in range(rounds):
+            runs["inprocess"].append(
+                closed_loop(lambda: lambda b: engine.submit(b).result(), queries, callers,
+                            seconds)
+            )  # fmt: skip
+            for proto, url in urls.items():  # clients in processes: the load is not GIL-bound
+                runs[proto].append(
+                    closed_loop_processes(proto, url, name, config, queries, callers, seconds)
+                )
+        level: dict[str, Any] = {"callers": callers}
+        for proto, parts in runs.items():
+            elapsed = sum(p["seconds"] for p in parts)
+            done = sum(p["queries"] for p in parts)
+            level[proto] = {"qps": done / elapsed, "queries": done, "seconds": elapsed,
+                            "errors": sum(p["errors"] for p in parts)}  # fmt: skip
+        levels.append(level)
+    result: dict[str, Any] = {"model": name, "levels": levels}
+    for proto in ("inprocess", "http", "grpc"):
+        best = max(levels, key=lambda lv: lv[proto]["qps"])
+        result[proto] = {**best[proto], "callers": best["callers"]}
     for proto in ("http", "grpc"):
         result[proto]["vs_inprocess"] = result[proto]["qps"] / result["inprocess"]["qps"]
     return result

@@ -65,6 +65,19 @@ def decode_infer_request(
             f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs "
             "(one per input, in order)"
         )
+    outputs = [o.name for o in request.outputs] or list(signature.output_names())
+    for name in outputs:
+        if name not in signature.output_names():
+            raise InvalidArgument(
+                f"unknown output {name!r}; the model's outputs are {list(signature.output_names())}"
+            )
+    if raw:
+        inputs = request.inputs
+        batch = signature.fast_batch(
+            [t.name for t in inputs], [t.datatype for t in inputs], [t.shape for t in inputs], raw
+        )
+        if batch is not None:
+            return batch, outputs
     tensors: dict[str, WireTensor] = {}
     for i, tensor in enumerate(request.inputs):
         name = tensor.name
@@ -77,12 +90,6 @@ def decode_infer_request(
             field = _CONTENTS[tensor.datatype]
             data = np.asarray(getattr(tensor.contents, field))
             tensors[name] = tensor_from_list(name, tensor.datatype, shape, data)
-    outputs = [o.name for o in request.outputs] or list(signature.output_names())
-    for name in outputs:
-        if name not in signature.output_names():
-            raise InvalidArgument(
-                f"unknown output {name!r}; the model's outputs are {list(signature.output_names())}"
-            )
     return signature.to_batch(tensors), outputs
 
 

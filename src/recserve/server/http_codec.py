@@ -59,6 +59,40 @@ def decode_infer_request(
     inputs = request.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise InvalidArgument("request must have a non-empty 'inputs' list")
+    batch = _fast_batch(inputs, binary, signature)
+    if batch is None:
+        batch = _general_batch(inputs, binary, signature)
+    request_id = request.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise InvalidArgument("'id' must be a string")
+    outputs = _requested_outputs(request, signature)
+    return InferRequest(batch, request_id, outputs)
+
+
+def _fast_batch(inputs: list[Any], binary: memoryview, signature: ModelSignature) -> Batch | None:
+    """The common case, every input binary: its batch, or None for the general path."""
+    names, datatypes, shapes, buffers = [], [], [], []
+    pos = 0
+    for item in inputs:
+        if type(item) is not dict or "data" in item:
+            return None
+        params = item.get("parameters")
+        nbytes = params.get("binary_data_size") if type(params) is dict else None
+        shape = item.get("shape")
+        if type(nbytes) is not int or nbytes < 0 or type(shape) is not list:
+            return None
+        names.append(item.get("name"))
+        datatypes.append(item.get("datatype"))
+        shapes.append(shape)
+        buffers.append(binary[pos : pos + nbytes])
+        pos += nbytes
+    if pos != len(binary):
+        return None
+    return signature.fast_batch(names, datatypes, shapes, buffers)
+
+
+def _general_batch(inputs: list[Any], binary: memoryview, signature: ModelSignature) -> Batch:
+    """Any form the protocol allows, tensor by tensor, each problem named."""
     tensors: dict[str, WireTensor] = {}
     pos = 0
     for item in inputs:
@@ -97,11 +131,7 @@ def decode_infer_request(
         raise InvalidArgument(
             f"{len(binary) - pos} bytes of binary data follow the last binary input"
         )
-    request_id = request.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise InvalidArgument("'id' must be a string")
-    outputs = _requested_outputs(request, signature)
-    return InferRequest(signature.to_batch(tensors), request_id, outputs)
+    return signature.to_batch(tensors)
 
 
 def encode_infer_response(

@@ -168,6 +168,13 @@ class ModelSignature:
         self.inputs: tuple[TensorSpec, ...] = (*required, *optional)
         self.outputs: tuple[TensorSpec, ...] = (TensorSpec(OUTPUT, "FP32", (-1, config.num_tasks)),)
         self._specs = {s.name: s for s in self.inputs}
+        f = len(self.keys)
+        fast = {f"{key}.{VALUES}": (1 + k, "INT64") for k, key in enumerate(self.keys)}
+        fast.update({f"{key}.{OFFSETS}": (1 + f + k, "INT64") for k, key in enumerate(self.keys)})
+        if n:
+            fast[DENSE] = (0, "FP32")
+        self._fast: dict[str, tuple[int, str]] = fast
+        """Slot and datatype of each input of the common layout (:meth:`fast_batch`)."""
 
     def check_input(self, name: Any, datatype: Any, shape: Sequence[Any]) -> tuple[int, ...]:
         """Check one tensor's header against the signature; returns its shape as a tuple."""
@@ -230,6 +237,78 @@ class ModelSignature:
         )
         sparse.key_offsets()
         batch = Batch(self._dense(tensors, b), sparse)
+        try:
+            validate_batch(batch, self.config, self.max_items)
+        except ValueError as e:
+            raise InvalidArgument(str(e)) from None
+        return batch
+
+    def fast_batch(
+        self,
+        names: Sequence[Any],
+        datatypes: Sequence[Any],
+        shapes: Sequence[Any],
+        buffers: Sequence[bytes | memoryview],
+    ) -> Batch | None:
+        """The validated batch of a request in the common layout (every tensor raw bytes,
+        dense plus each feature's values and offsets, in any order), with a handful of numpy
+        calls for all features together; None when the request is in any other form or
+        anything about it is off, for :meth:`to_batch` to decode it tensor by tensor and name
+        the problem. Validation errors of a well-formed batch raise as in :meth:`to_batch`."""
+        f, nd = len(self.keys), self.config.num_dense
+        if len(names) != 2 * f + (1 if nd else 0):
+            return None
+        slots: list[Any] = [None] * (2 * f + 1)
+        for name, datatype, shape, buf in zip(names, datatypes, shapes, buffers, strict=True):
+            spec = self._fast.get(name) if type(name) is str else None
+            if spec is None or datatype != spec[1] or slots[spec[0]] is not None:
+                return None
+            slots[spec[0]] = (list(shape), buf)
+        if nd:
+            shape, dense_buf = slots[0]
+            if len(shape) != 2 or type(shape[0]) is not int or type(shape[1]) is not int:
+                return None
+            if shape[1] != nd:
+                return None
+            b = shape[0]
+            if len(dense_buf) != 4 * b * nd:
+                return None
+        else:
+            shape = slots[1 + f][0]
+            if len(shape) != 1 or type(shape[0]) is not int:
+                return None
+            b = shape[0] - 1
+        if not 0 < b <= self.max_items:
+            return None
+        counts = np.empty(f, dtype=np.int64)
+        for k in range(f):
+            (vshape, vbuf), (oshape, obuf) = slots[1 + k], slots[1 + f + k]
+            if (
+                len(vshape) != 1
+                or type(vshape[0]) is not int
+                or len(vbuf) != 8 * vshape[0]
+                or oshape != [b + 1]
+                or len(obuf) != 8 * (b + 1)
+            ):
+                return None
+            counts[k] = vshape[0]
+        joined = bytearray().join
+        values = np.frombuffer(joined([s[1] for s in slots[1 : 1 + f]]), dtype="<i8")
+        per_key = np.frombuffer(joined([s[1] for s in slots[1 + f :]]), dtype="<i8")
+        per_key = per_key.reshape(f, b + 1)
+        if (per_key[:, 0] != 0).any() or (per_key[:, -1] != counts).any():
+            return None
+        bases = np.cumsum(counts) - counts
+        offsets = np.empty(f * b + 1, dtype=np.int64)
+        offsets[0] = 0
+        np.add(per_key[:, 1:], bases[:, None], out=offsets[1:].reshape(f, b))
+        if nd:
+            dense = torch.from_numpy(np.frombuffer(bytearray(dense_buf), "<f4").reshape(b, nd))
+        else:
+            dense = torch.zeros((b, 0), dtype=torch.float32)
+        sparse = KeyedJagged(self.keys, torch.from_numpy(values), torch.from_numpy(offsets), b)
+        sparse.key_offsets()
+        batch = Batch(dense, sparse)
         try:
             validate_batch(batch, self.config, self.max_items)
         except ValueError as e:
