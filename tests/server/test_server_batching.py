@@ -148,6 +148,37 @@ def test_full_queue_refuses_at_once_and_close_drains() -> None:
     run(main())
 
 
+class CoalescingEngine(GatedEngine):
+    """Joins queued requests itself, as the DeepRecSys engine does."""
+
+    coalesces = True
+
+
+def test_engine_that_coalesces_gets_each_request_alone_and_at_once() -> None:
+    async def main() -> None:
+        engine = CoalescingEngine(WND)
+        batcher = DynamicBatcher(
+            engine, max_inflight_batches=1, max_batch_items=10, max_queue_delay_s=0.3,
+            max_queue_requests=4,
+        )  # fmt: skip
+        assert batcher.passthrough
+        batches = [query(WND, b, seed=i) for i, b in enumerate((2, 3, 4, 12))]
+        tasks = [asyncio.ensure_future(batcher.infer(b)) for b in batches]
+        await asyncio.sleep(0.01)
+        # no slot limit, no delay, no joining: the engine has every request, each as it came
+        assert engine.calls == [2, 3, 4, 12]
+        assert [b for b, _ in engine.pending] == batches
+        with pytest.raises(QueueFull):  # the bound on requests waiting or in flight holds
+            await batcher.infer(query(WND, 1))
+        engine.release()
+        results = await asyncio.gather(*tasks)
+        for batch, result in zip(batches, results, strict=True):
+            assert torch.equal(result.scores, batch.dense[:, :1])
+        assert batcher.inflight_batches == 0 and batcher.inflight_requests == 0
+
+    run(main())
+
+
 class RefusingEngine(GatedEngine):
     def __init__(self, config: Any, error: Exception) -> None:
         super().__init__(config)

@@ -92,6 +92,11 @@ class RecEngine:
     ``model`` itself to its device. ``set_schedule`` changes b / T / coalescing while running.
     """
 
+    coalesces = True
+    """The engine joins queued queries itself (GPU coalescing up to ``gpu_max_batch``, CPU
+    sub-batches over its workers): a server should hand it requests one by one rather than
+    join them first (:class:`~recserve.server.batching.DynamicBatcher` does so)."""
+
     def __init__(
         self,
         model: nn.Module,

@@ -6,6 +6,12 @@ the slots were busy (up to ``max_batch_items`` items); with ``max_queue_delay_ms
 also wait that long for company while a slot is free. The results are split back per request.
 Everything runs on one asyncio event loop, so the state needs no locks; the engine's futures
 complete on its threads and hop back with ``call_soon_threadsafe``.
+
+An engine that joins queued requests itself (``engine.coalesces``, e.g. the DeepRecSys engine,
+whose scheduler coalesces GPU queries and splits CPU ones) gets every request as it comes, alone:
+joining here would copy each request once more on this process's interpreter lock and hold
+requests back behind a few slots the engine does not need. The bound on requests waiting or in
+flight (``max_queue_requests``) still holds.
 """
 
 from __future__ import annotations
@@ -77,6 +83,12 @@ class DynamicBatcher:
         self.max_queue_delay_s = max_queue_delay_s
         self.max_inflight_batches = max_inflight_batches
         self.max_queue_requests = max_queue_requests
+        self.passthrough = bool(getattr(engine, "coalesces", False))
+        """Each request goes to the engine alone, at once (see the module docstring)."""
+        if self.passthrough:
+            self.max_batch_items = 1  # a group is one request, whatever its size
+            self.max_queue_delay_s = 0.0
+            self.max_inflight_batches = max_queue_requests
         self._executor = executor
         self._on_batch = on_batch
         self._pending: deque[_Pending] = deque()

@@ -62,14 +62,15 @@ def rec_engine_factory(model: torch.nn.Module, serving: ServingConfig) -> Infere
     """The DeepRecSys engine (:class:`~recserve.engine.RecEngine`). On a GPU (``serving.device``
     ``cuda``/``auto`` with one present): every batch the batcher forms goes to the engine's GPU
     runner process (whole-forward CUDA graphs, its host work off the server's interpreter
-    lock); on the CPU: CPU worker processes, the batches split DeepRecSys-style. Give it
-    ``max_inflight_batches`` of about its workers (or runner slots), so the batcher keeps them
-    all busy."""
+    lock); on the CPU: CPU worker processes, the batches split DeepRecSys-style. The engine
+    joins queued requests itself, so the server's batcher passes each request straight to it
+    (``RecEngine.coalesces``); ``max_inflight_batches`` sets the runner's slots."""
     from recserve.engine import EngineConfig, RecEngine, SchedConfig
 
     device = resolve_device(serving.device)
     items = max(serving.max_items, serving.max_batch_items)
-    queue = max(serving.engine_queue, serving.max_inflight_batches)
+    # the batcher hands it every request alone (it coalesces itself), up to the server's bound
+    queue = max(serving.engine_queue, serving.max_inflight_batches, serving.max_queue_requests)
     if device.type == "cuda":
         config = EngineConfig(
             sched=SchedConfig(sub_batch_size=None, gpu_threshold=0, gpu_max_batch=items),
