@@ -18,7 +18,7 @@ import pytest
 from server_helpers import query, reference
 
 from recserve.models import RecModel
-from recserve.server.bench import BenchOptions, run_bench
+from recserve.server.bench import SOAK_HEADROOM_S, BenchOptions, run_bench
 from recserve.server.client import GRPCClient, HTTPClient, InferError
 
 READY = re.compile(r"HTTP on (\S+):(\d+), gRPC on (\S+):(\d+)")
@@ -113,6 +113,8 @@ def test_bench_server_writes_summary_first(tmp_path: Path, engine: str) -> None:
         math.isfinite(v) for k, v in summary.items() if k not in ("device", "date", "commit")
     )
     assert data["soak"]["failures"] == 0 and data["soak"]["queries"] > 0
+    # open loop: enough client threads that no query waits for one at the soak's rate
+    assert data["soak"]["client_threads"] >= data["soak"]["target_qps"] * SOAK_HEADROOM_S
     assert data["shutdown"]["returncode"] == 0 and data["options"]["frontends"] == 1
     for name in ("wnd", "dlrm-rmc2"):
         for proto in ("http", "grpc"):

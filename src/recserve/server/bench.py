@@ -18,6 +18,7 @@ for the run, so client and server do not share a GIL. Both sides use the same en
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import os
 import re
@@ -48,6 +49,9 @@ from recserve.server.local_engine import LocalEngine
 from recserve.server.repository import ENGINES
 from recserve.server.settings import ServingConfig
 from recserve.types import Batch, validate_batch
+
+SOAK_HEADROOM_S = 0.1
+"""The soak's client threads cover this much latency per query at the soak's rate."""
 
 READY_LINE = re.compile(r"HTTP on (\S+):(\d+), gRPC on (\S+):(\d+)")
 
@@ -353,7 +357,9 @@ def soak(
     ``qps``), so the clients' own GIL does not hold the offered load back."""
     ctx = mp.get_context("spawn")
     pipes, procs = [], []
-    per_process = max(1, threads // processes)
+    # enough client threads that a query never waits for one (open loop): at least the
+    # queries in flight when each takes SOAK_HEADROOM_S
+    per_process = max(1, threads // processes, math.ceil(qps / processes * SOAK_HEADROOM_S))
     for k in range(processes):
         parent, child = ctx.Pipe()
         args = (server.http_url, server.grpc_url, model, config, queries, qps / processes,
@@ -395,6 +401,7 @@ def soak(
         "warmup_s": min(warmup_s, seconds / 2),
         "queries": sum(r["issued"] for r in results),
         "client_processes": processes,
+        "client_threads": processes * per_process,
         "failures": len(failures),
         "failure_examples": failures[:5],
         "latency": percentiles(latencies) if latencies else {},
