@@ -5,8 +5,9 @@ Questions, each answered on the same machine, loopback, in one run:
 1. p50 latency overhead of one query (256 items by default) over HTTP and over gRPC, against
    ``engine.submit(batch).result()`` in-process, for wnd and dlrm-rmc2 (the latter about 1M ids,
    8 MB on the wire: moving bytes dominates).
-2. Saturation throughput: ``concurrency`` closed-loop clients against the server, and the same
-   number of threads submitting to an in-process engine; the ratio.
+2. Saturation throughput: closed-loop callers against the server (client processes, several
+   connections each) and the same number of threads submitting to an in-process engine, at each
+   of ``saturation_levels`` callers; each side's best level, and the ratio.
 3. Soak: open-loop Poisson arrivals at ``soak_load`` of the server's saturation QPS (HTTP and
    gRPC alternating) for ``soak_s`` seconds; the server process's resident memory after warm-up
    and at the end.
