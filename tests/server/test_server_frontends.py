@@ -16,18 +16,28 @@ from recserve.server.client import GRPCClient, HTTPClient
 from recserve.server.frontend import batch_from_frame
 
 
-def test_frames_round_trip_through_the_protocol() -> None:
-    """Frames split at every byte boundary arrive whole, arrays aligned and equal."""
+@pytest.mark.parametrize(
+    ("buffer_bytes", "direct_bytes"),
+    [(1 << 16, 1 << 15), (64, 16), (64, 1 << 30)],
+    ids=["default", "large-parts-in-place", "buffer-grows"],
+)
+def test_frames_round_trip_through_the_protocol(buffer_bytes: int, direct_bytes: int) -> None:
+    """Frames split at every byte boundary, or many in one read, arrive whole and in order,
+    arrays aligned and equal; each frame's binary part is its own (later reads never touch
+    it)."""
     arrays = [
         np.arange(5, dtype=np.float32),  # 20 bytes: padded to 24
         np.array([], dtype=np.int64),
         np.arange(-3, 4, dtype=np.int64),
     ]
-    wire = b"".join(bytes(p) for p in ipc.frame({"op": "x", "k": [1, 2]}, arrays))
-    wire += b"".join(bytes(p) for p in ipc.frame({"op": "y"}))
-    for step in (1, 3, 7, 64, len(wire)):
+    big = [np.arange(3000, dtype=np.int64)]  # 24 KB: past the buffer of the small cases
+    frames = [({"op": "x", "k": [1, 2]}, arrays), ({"op": "y"}, []), ({"op": "z"}, big)] * 2
+    wire = b"".join(bytes(p) for meta, arr in frames for p in ipc.frame(dict(meta), arr))
+    for step in (1, 3, 7, 64, 5000, len(wire)):
         got: list[tuple[dict, bytearray]] = []
-        proto = ipc.FrameProtocol(lambda meta, data, got=got: got.append((meta, data)))
+        proto = ipc.FrameProtocol(
+            lambda meta, data, got=got: got.append((meta, data)), None, buffer_bytes, direct_bytes
+        )
         pos = 0
         while pos < len(wire):
             buf = proto.get_buffer(-1)
@@ -35,13 +45,15 @@ def test_frames_round_trip_through_the_protocol() -> None:
             buf[:n] = wire[pos : pos + n]
             proto.buffer_updated(n)
             pos += n
-        assert len(got) == 2, step
-    assert [m["op"] for m, _ in got] == ["x", "y"]
-    meta, data = got[0]
-    assert meta["k"] == [1, 2] and all(off % 8 == 0 for off in meta["arrays"])
-    for a, off in zip(arrays, meta["arrays"], strict=True):
-        np.testing.assert_array_equal(ipc.array(data, off, a.dtype.str, a.size), a)
-    assert got[1][1] == bytearray()
+        assert [m["op"] for m, _ in got] == ["x", "y", "z"] * 2, step
+        for i in (0, 3):
+            meta, data = got[i]
+            assert meta["k"] == [1, 2] and all(off % 8 == 0 for off in meta["arrays"])
+            for a, off in zip(arrays, meta["arrays"], strict=True):
+                np.testing.assert_array_equal(ipc.array(data, off, a.dtype.str, a.size), a)
+        assert got[1][1] == bytearray() == got[4][1]
+        for i in (2, 5):
+            np.testing.assert_array_equal(ipc.array(got[i][1], 0, "<i8", 3000), big[0])
 
 
 def test_batch_from_frame_equals_the_batch_sent() -> None:

@@ -2,9 +2,9 @@
 
 A frame is ``<json length u32><binary length u32>``, a JSON object padded with spaces to a
 multiple of 8 bytes, then the binary part: arrays back to back, each padded to 8 bytes, whose
-byte offsets the JSON names. The receiver reads each binary part straight into one buffer of its
-size (:class:`FrameProtocol` is an ``asyncio.BufferedProtocol``: no intermediate copies), and
-arrays are numpy views of it.
+byte offsets the JSON names. The receiver (:class:`FrameProtocol`, an
+``asyncio.BufferedProtocol``) reads small frames many at a time through one read buffer and
+large binary parts straight into a buffer of their size; arrays are numpy views of the part.
 """
 
 from __future__ import annotations
@@ -55,16 +55,30 @@ def array(data: bytearray | memoryview, offset: int, dtype: str, count: int) -> 
 
 
 class FrameProtocol(asyncio.BufferedProtocol):
-    """Reads frames from a stream transport and hands each to ``on_frame(meta, binary)``."""
+    """Reads frames from a stream transport and hands each to ``on_frame(meta, binary)``.
 
-    def __init__(self, on_frame: FrameHandler, on_lost: Callable[[], None] | None = None) -> None:
+    Reads go into one read buffer, so a single ``recv`` takes in every small frame that has
+    arrived (a request's frame, its statistics and the next request's, under load) rather than
+    one read and one event-loop turn per header, JSON and binary part. A binary part of at
+    least ``direct_bytes`` is read straight into a buffer of its own size instead."""
+
+    def __init__(
+        self,
+        on_frame: FrameHandler,
+        on_lost: Callable[[], None] | None = None,
+        buffer_bytes: int = 1 << 16,
+        direct_bytes: int = 1 << 15,
+    ) -> None:
         self._on_frame = on_frame
         self._on_lost = on_lost
-        self._head = bytearray(HEADER.size)
-        self._buf = self._head
-        self._pos = 0
+        self._buf = bytearray(buffer_bytes)
+        self._start = self._end = 0
+        """Unparsed bytes: ``_buf[_start:_end]``."""
+        self._direct = direct_bytes
         self._meta: dict[str, Any] | None = None
-        self._bin_len = 0
+        self._part: bytearray | None = None
+        """The large binary part being read in place, ``_pos`` bytes of it so far."""
+        self._pos = 0
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -84,33 +98,62 @@ class FrameProtocol(asyncio.BufferedProtocol):
         return True
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return memoryview(self._buf)[self._pos :]
+        if self._part is not None:
+            return memoryview(self._part)[self._pos :]
+        if len(self._buf) - self._end < 4096:
+            self._make_room()
+        return memoryview(self._buf)[self._end :]
+
+    def _make_room(self) -> None:
+        """Move the unparsed bytes to the front; a new, larger buffer when they fill it (the
+        old one may still be exported to the transport, so it is never resized)."""
+        n = self._end - self._start
+        if n + 4096 > len(self._buf):
+            grown = bytearray(max(2 * len(self._buf), n + 4096))
+            grown[:n] = self._buf[self._start : self._end]
+            self._buf = grown
+        elif self._start:
+            self._buf[:n] = self._buf[self._start : self._end]
+        self._start, self._end = 0, n
 
     def buffer_updated(self, nbytes: int) -> None:
-        self._pos += nbytes
-        while self._pos == len(self._buf):
-            self._advance()
+        if self._part is not None:
+            self._pos += nbytes
+            if self._pos == len(self._part):
+                meta, part = self._meta, self._part
+                self._meta, self._part, self._pos = None, None, 0
+                assert meta is not None
+                self._on_frame(meta, part)
+            return
+        self._end += nbytes
+        self._parse()
 
-    def _advance(self) -> None:
-        if self._buf is self._head:  # header done: read the JSON
-            json_len, self._bin_len = HEADER.unpack(self._head)
-            self._buf, self._pos = bytearray(json_len), 0
+    def _parse(self) -> None:
+        size = HEADER.size
+        while (avail := self._end - self._start) >= size:
+            buf, start = self._buf, self._start
+            json_len, bin_len = HEADER.unpack_from(buf, start)
             if json_len == 0:
                 raise ValueError("frame without a JSON part")
-        elif self._meta is None:  # JSON done: read the binary part, if any
-            self._meta = json.loads(self._buf)
-            if self._bin_len:
-                self._buf, self._pos = bytearray(self._bin_len), 0
-            else:
-                self._deliver(bytearray())
-        else:
-            self._deliver(self._buf)
-
-    def _deliver(self, data: bytearray) -> None:
-        meta, self._meta = self._meta, None
-        self._buf, self._pos = self._head, 0
-        assert meta is not None
-        self._on_frame(meta, data)
+            head = size + json_len
+            if avail < head:
+                break
+            if avail >= head + bin_len:  # the whole frame is here
+                meta = json.loads(buf[start + size : start + head])
+                data = buf[start + head : start + head + bin_len]  # a copy of its own
+                self._start = start + head + bin_len
+                self._on_frame(meta, data)
+                continue
+            if bin_len >= self._direct:  # read the rest of a large part in place
+                part = bytearray(bin_len)
+                have = avail - head
+                part[:have] = buf[start + head : self._end]
+                self._meta = json.loads(buf[start + size : start + head])
+                self._part, self._pos = part, have
+                self._start = self._end
+            break
+        if self._start == self._end:
+            self._start = self._end = 0
 
 
 class Arena:
