@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import threading
 import time
@@ -299,3 +300,26 @@ def test_stop_is_not_lost_between_the_loop_check_and_its_clear(model) -> None:
         eng._waker.wake()
         eng._thread.join(timeout=10)
         eng._shutdown_executors()
+
+
+def test_waker_writes_once_until_cleared_and_keeps_a_late_wake_up() -> None:
+    from recserve.engine.engine import _Waker
+
+    def pending(w: _Waker) -> bool:
+        return bool(select.select([w.fd], [], [], 0)[0])
+
+    w = _Waker()
+    try:
+        for _ in range(3):
+            w.wake()
+        assert os.read(w.fd, 100) == b"x"  # three wake-ups, one write
+        w.wake()  # armed: no write, the loop has not cleared yet
+        assert not pending(w)
+        w.clear()
+        w.wake()  # cleared: written again
+        assert pending(w)
+        w.clear()
+        assert not pending(w)
+
+    finally:
+        w.close()

@@ -44,23 +44,35 @@ log = logging.getLogger(__name__)
 
 
 class _Waker:
-    """A self-pipe: any thread can wake the loop thread out of its wait."""
+    """A self-pipe: any thread can wake the loop thread out of its wait.
+
+    A wake-up already written and not yet cleared makes further ones free (no write, no
+    system call): under load, callers submit far more often than the loop waits."""
 
     def __init__(self) -> None:
         self.fd, self._w = os.pipe()
         os.set_blocking(self.fd, False)
         os.set_blocking(self._w, False)
+        self._armed = False
+        """A byte is (or is about to be) in the pipe."""
 
     def wake(self) -> None:
+        if self._armed:
+            return
+        self._armed = True
         with contextlib.suppress(BlockingIOError):  # a full pipe: the loop will wake anyway
             os.write(self._w, b"x")
 
     def clear(self) -> None:
+        """Drain the pipe, then disarm: a wake-up that lands in between leaves its byte for
+        the next wait (a spare wake-up, never a lost one). Disarming first could drain the byte
+        of a wake-up that had just armed, and later ones would skip their write."""
         try:
             while os.read(self.fd, 4096):
                 pass
         except BlockingIOError:
             pass
+        self._armed = False
 
     def close(self) -> None:
         os.close(self.fd)

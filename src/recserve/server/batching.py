@@ -96,6 +96,10 @@ class DynamicBatcher:
         self._inflight_batches = 0
         self._inflight_requests = 0
         self._timer: asyncio.TimerHandle | None = None
+        self._done: deque[tuple[list[_Pending], concurrent.futures.Future[torch.Tensor]]]
+        self._done = deque()
+        """Engine calls finished on the engine's threads, not yet handled on the loop."""
+        self._drain_scheduled = False
         self._closing = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -208,9 +212,19 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
 
         def done(f: concurrent.futures.Future[torch.Tensor]) -> None:
-            loop.call_soon_threadsafe(self._complete, group, f)
+            # One hop to the loop for every completion that lands before it runs (a GPU
+            # batch answers many requests at once), not one self-pipe write per request.
+            self._done.append((group, f))
+            if not self._drain_scheduled:
+                self._drain_scheduled = True
+                loop.call_soon_threadsafe(self._drain_done)
 
         engine_future.add_done_callback(done)
+
+    def _drain_done(self) -> None:
+        self._drain_scheduled = False  # before popping: a later completion schedules anew
+        while self._done:
+            self._complete(*self._done.popleft())
 
     def _complete(
         self, group: list[_Pending], engine_future: concurrent.futures.Future[torch.Tensor]
