@@ -88,7 +88,8 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
         "--max-inflight-batches",
         type=int,
         default=s.max_inflight_batches,
-        help="engine calls in flight per model (default %(default)s)",
+        help="engine calls in flight per model; with --engine rec, the GPU runner's slots "
+        "(default %(default)s)",
     )
     p.add_argument(
         "--max-queue",
@@ -119,9 +120,9 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
         "--engine",
         choices=sorted(ENGINES),
         default="local",
-        help="local: worker threads calling the model (default); rec: the DeepRecSys engine "
-        "(on a GPU its runner process takes every batch; on the CPU, worker processes: raise "
-        "--max-inflight-batches to about the workers or runner slots)",
+        help="local: worker threads calling the model (default); rec: the DeepRecSys engine, "
+        "which gets every request as it comes and joins them itself (on a GPU in its runner "
+        "process; on the CPU, split over worker processes)",
     )
     p.add_argument(
         "--frontends",
