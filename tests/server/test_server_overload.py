@@ -245,3 +245,39 @@ def test_engine_with_a_runner_process_behind_the_server() -> None:
             finally:
                 client.close()
             np.testing.assert_allclose(scores, reference(model, batch), rtol=1e-5, atol=1e-6)
+
+
+class FailingModel(nn.Module):
+    """Fails every batch whose first dense value is negative; answers the others."""
+
+    def __init__(self, inner: RecModel) -> None:
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        if float(batch.dense[0, 0]) < 0:
+            raise RuntimeError("the model failed on purpose")
+        return self.inner(batch)
+
+
+@pytest.mark.parametrize("frontends", [0, 1])
+def test_an_engine_failure_is_answered_and_serving_goes_on(frontends: int) -> None:
+    inner = build_model("wnd", "tiny")
+    settings = ServerSettings(http_port=0, grpc_port=0, frontends=frontends)
+    good = query(inner.config, 3, seed=1)
+    good.dense[0, 0] = 1.0
+    bad = query(inner.config, 3, seed=2)
+    bad.dense[0, 0] = -1.0
+    with ServerThread(settings, models={"m": FailingModel(inner)}) as server:
+        http, grpc_client = HTTPClient(server.http_url), GRPCClient(server.grpc_url)
+        try:
+            for client in (http, grpc_client):
+                with pytest.raises(InferError, match="the model failed on purpose") as info:
+                    client.infer("m", inner.config, bad)
+                assert info.value.status in (500, "INTERNAL")
+                np.testing.assert_allclose(
+                    client.infer("m", inner.config, good), reference(inner, good), rtol=1e-6
+                )
+        finally:
+            http.close()
+            grpc_client.close()

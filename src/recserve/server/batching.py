@@ -120,6 +120,11 @@ class DynamicBatcher:
     async def infer(self, batch: Batch) -> Result:
         """Answer one validated batch; raise :class:`QueueFull` or :class:`Unavailable` if
         refused (at once: a refused request never waits)."""
+        return await self.submit(batch)
+
+    def submit(self, batch: Batch) -> asyncio.Future[Result]:
+        """:meth:`infer` without a coroutine: the future of one validated batch's answer
+        (call on the loop's thread); refusals raise here, at once."""
         if self._closing:
             raise Unavailable(f"model {self.engine.config.name!r} is shutting down or unloading")
         depth = len(self._pending) + self._inflight_requests
@@ -133,7 +138,7 @@ class DynamicBatcher:
         self._pending_items += batch.batch_size
         self._idle.clear()
         self._pump()
-        return await future
+        return future
 
     async def close(self) -> None:
         """Refuse new requests, answer every accepted one, then close the engine (draining)."""

@@ -66,9 +66,14 @@ class ServerCore:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     async def infer(self, served: ServedModel, batch: Batch) -> Result:
+        return await self.submit(served, batch)
+
+    def submit(self, served: ServedModel, batch: Batch) -> asyncio.Future[Result]:
+        """:meth:`infer` as a future (refusals raise at once), for callers on the loop that
+        answer from a callback rather than a task of their own."""
         if self.draining:
             raise Unavailable("server is shutting down")
-        return await served.batcher.infer(batch)
+        return served.batcher.submit(batch)
 
     async def close(self) -> None:
         await self.repository.close()

@@ -307,14 +307,11 @@ class _Link:
         hub._links.append(self)
         self.index: int | None = None
         self.arena: ipc.Arena | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
 
     def _on_frame(self, meta: dict[str, Any], data: bytearray) -> None:
         op = meta.get("op")
         if op == "infer":
-            task = asyncio.ensure_future(self._infer(meta, data))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._infer(meta, data)
         elif op == "stat":
             metrics = self.hub.core.metrics.for_request(meta["model"], meta["protocol"])
             if meta["ok"]:
@@ -346,7 +343,9 @@ class _Link:
             }
         )
 
-    async def _infer(self, meta: dict[str, Any], data: bytearray) -> None:
+    def _infer(self, meta: dict[str, Any], data: bytearray) -> None:
+        """Decode the front end's batch and queue it; the answer goes back from a callback
+        (no task per request: this loop carries every front end's requests)."""
         call = meta["id"]
         try:
             core = self.hub.core
@@ -362,17 +361,33 @@ class _Link:
                 batch = batch_from_frame(served.config, meta, view)
             else:
                 batch = batch_from_frame(served.config, meta, data)
-            result = await core.infer(served, batch)
+            future = core.submit(served, batch)
+        except Exception as e:
+            self._reply_error(call, e)
+            return
+        future.add_done_callback(lambda f: self._reply(call, f))
+
+    def _reply(self, call: int, future: asyncio.Future[Result]) -> None:
+        if future.cancelled():
+            self._reply_error(call, Unavailable("the request was cancelled"))
+            return
+        error = future.exception()
+        if error is not None:
+            self._reply_error(call, error)
+            return
+        result = future.result()
+        try:
             scores = result.scores.numpy()
             reply = {"id": call, "queue_s": result.queue_s, "compute_s": result.compute_s}
             self.proto.send({**reply, "shape": list(scores.shape)}, [scores])
-        except ServerError as e:
-            self.proto.send(_error_meta(call, e))
         except Exception as e:
-            log.exception("infer from a front-end process failed")
-            self.proto.send(
-                _error_meta(call, ServerError(f"internal error: {type(e).__name__}: {e}"))
-            )
+            self._reply_error(call, e)
+
+    def _reply_error(self, call: int, error: BaseException) -> None:
+        if not isinstance(error, ServerError):
+            log.error("infer from a front-end process failed", exc_info=error)
+            error = ServerError(f"internal error: {type(error).__name__}: {error}")
+        self.proto.send(_error_meta(call, error))
 
 
 def _spawn(spec: FrontendSpec) -> Any:

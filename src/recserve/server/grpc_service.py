@@ -14,6 +14,7 @@ per tensor); typed ``contents`` (``int64_contents``, ``fp32_contents``) are acce
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
+
+log = logging.getLogger(__name__)
 
 _CONTENTS = {"INT64": "int64_contents", "FP32": "fp32_contents"}
 
@@ -96,7 +99,9 @@ def decode_infer_request(
 def _rpc(
     method: Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]],
 ) -> Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]:
-    """Answer a :class:`ServerError` with its status code and message."""
+    """Answer a :class:`ServerError` with its status code and message, and anything else
+    (a failing model, a bug) with INTERNAL and what went wrong, as HTTP answers 500 (gRPC
+    itself would say UNKNOWN)."""
 
     @functools.wraps(method)
     async def wrapper(self: Any, request: Request, context: grpc.aio.ServicerContext) -> Response:
@@ -104,6 +109,13 @@ def _rpc(
             return await method(self, request, context)
         except ServerError as e:
             await context.abort(grpc.StatusCode[e.grpc_code], str(e))
+            raise AssertionError("unreachable") from e
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            log.exception("gRPC %s failed", method.__name__)
+            message = f"internal error: {type(e).__name__}: {e}"
+            await context.abort(grpc.StatusCode.INTERNAL, message)
             raise AssertionError("unreachable") from e
 
     return wrapper
