@@ -54,3 +54,9 @@ class Unavailable(ServerError):
     http_status = 503
     grpc_code = "UNAVAILABLE"
     reason = "unavailable"
+
+
+def internal(error: BaseException) -> ServerError:
+    """What any other failure (a failing model, a bug) is answered with: HTTP 500, gRPC
+    INTERNAL, and what went wrong."""
+    return ServerError(f"internal error: {type(error).__name__}: {error}")

@@ -54,6 +54,7 @@ from recserve.server.errors import (
     QueueFull,
     ServerError,
     Unavailable,
+    internal,
 )
 from recserve.server.protocol import ModelSignature
 from recserve.server.settings import ServerSettings
@@ -386,7 +387,7 @@ class _Link:
     def _reply_error(self, call: int, error: BaseException) -> None:
         if not isinstance(error, ServerError):
             log.error("infer from a front-end process failed", exc_info=error)
-            error = ServerError(f"internal error: {type(error).__name__}: {error}")
+            error = internal(error)
         self.proto.send(_error_meta(call, error))
 
 

@@ -26,7 +26,7 @@ from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2
 
 from recserve.server.core import ServerCore
-from recserve.server.errors import InvalidArgument, ServerError
+from recserve.server.errors import InvalidArgument, ServerError, internal
 from recserve.server.grpc_wire import split_infer_request
 from recserve.server.protocol import (
     ModelSignature,
@@ -114,8 +114,7 @@ def _rpc(
             raise
         except Exception as e:
             log.exception("gRPC %s failed", method.__name__)
-            message = f"internal error: {type(e).__name__}: {e}"
-            await context.abort(grpc.StatusCode.INTERNAL, message)
+            await context.abort(grpc.StatusCode.INTERNAL, str(internal(e)))
             raise AssertionError("unreachable") from e
 
     return wrapper

@@ -31,7 +31,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from yarl import URL
 
 from recserve.server.core import ServerCore
-from recserve.server.errors import InvalidArgument, PayloadTooLarge, ServerError
+from recserve.server.errors import InvalidArgument, PayloadTooLarge, ServerError, internal
 from recserve.server.http_codec import (
     HEADER_LENGTH,
     decode_infer_request,
@@ -97,7 +97,7 @@ async def _errors_as_json(request: web.Request, handler: Handler) -> web.StreamR
         return error_response(e.status, e.text or e.reason)
     except Exception as e:
         log.exception("request %s %s failed", request.method, request.path)
-        return error_response(500, f"internal error: {type(e).__name__}: {e}")
+        return error_response(500, str(internal(e)))
 
 
 class _Handlers:

@@ -229,14 +229,20 @@ class ModelSignature:
             values.append(ids)
             offsets.append(bag_ends + base)
             base += ids.size
-        sparse = KeyedJagged(
-            self.keys,
-            torch.from_numpy(np.concatenate(values).astype(np.int64, copy=False)),
-            torch.from_numpy(np.concatenate(offsets)),
+        return self._validated(
+            self._dense(tensors, b),
+            np.concatenate(values).astype(np.int64, copy=False),
+            np.concatenate(offsets),
             b,
         )
+
+    def _validated(
+        self, dense: torch.Tensor, values: np.ndarray, offsets: np.ndarray, b: int
+    ) -> Batch:
+        """The batch of joined arrays (feature-major offsets), validated against the model."""
+        sparse = KeyedJagged(self.keys, torch.from_numpy(values), torch.from_numpy(offsets), b)
         sparse.key_offsets()
-        batch = Batch(self._dense(tensors, b), sparse)
+        batch = Batch(dense, sparse)
         try:
             validate_batch(batch, self.config, self.max_items)
         except ValueError as e:
@@ -306,14 +312,7 @@ class ModelSignature:
             dense = torch.from_numpy(np.frombuffer(bytearray(dense_buf), "<f4").reshape(b, nd))
         else:
             dense = torch.zeros((b, 0), dtype=torch.float32)
-        sparse = KeyedJagged(self.keys, torch.from_numpy(values), torch.from_numpy(offsets), b)
-        sparse.key_offsets()
-        batch = Batch(dense, sparse)
-        try:
-            validate_batch(batch, self.config, self.max_items)
-        except ValueError as e:
-            raise InvalidArgument(str(e)) from None
-        return batch
+        return self._validated(dense, values, offsets, b)
 
     def _require(self, tensors: Mapping[str, WireTensor], name: str) -> WireTensor:
         tensor = tensors.get(name)
