@@ -118,3 +118,58 @@ def test_arena_first_fit_reuses_freed_space(tmp_path) -> None:  # type: ignore[n
     del view
     arena.close()
     other.close()
+
+
+def test_front_ends_send_requests_to_the_engine_process_directly(repo) -> None:  # type: ignore[no-untyped-def]
+    """With the rec engine, front ends send decoded batches straight to its process: right
+    answers over HTTP and gRPC, none through the server process's batcher; after an unload
+    and load the front ends find the new engine process; a dead engine process is answered
+    503 / UNAVAILABLE and the server goes on."""
+    from recserve.models import load_model
+    from recserve.server.client import InferError
+    from recserve.server.repository import rec_engine_factory
+
+    model = load_model(repo / "wnd")
+    batches = [query(model.config, b, seed=b) for b in (1, 5, 33)]
+    settings = ServerSettings(
+        repository=repo, models=("wnd",), http_port=0, grpc_port=0, frontends=2, grace_s=5.0
+    )
+
+    def check_all(server: ServerThread) -> None:
+        for batch in batches:
+            for client in (HTTPClient(server.http_url), GRPCClient(server.grpc_url)):
+                try:
+                    got = client.infer("wnd", model.config, batch)
+                finally:
+                    client.close()
+                np.testing.assert_allclose(got, reference(model, batch), rtol=1e-5, atol=1e-6)
+
+    with ServerThread(settings, rec_engine_factory) as server:
+        core = server.server.core
+        check_all(server)
+        served = core.repository.get("wnd")
+        assert served.engine.stats()["accepted"] == 2 * len(batches)
+        text = core.metrics.render().decode()
+        assert 'recserve_batch_requests_count{model="wnd"} 0.0' in text  # no batcher call
+        assert 'recserve_requests_total{model="wnd",protocol="http"} 3.0' in text
+
+        http = tritonclient_http(server)
+        http.unload_model("wnd")
+        http.load_model("wnd")
+        fresh = core.repository.get("wnd")
+        assert fresh.engine.address != served.engine.address
+        check_all(server)
+        assert fresh.engine.stats()["accepted"] == 2 * len(batches)
+
+        os.kill(fresh.engine.pid, signal.SIGKILL)
+        for client in (HTTPClient(server.http_url), GRPCClient(server.grpc_url)):
+            with pytest.raises(InferError, match="503|UNAVAILABLE"):
+                client.infer("wnd", model.config, batches[0])
+            client.close()
+        assert http.is_server_live()
+
+
+def tritonclient_http(server: ServerThread):  # type: ignore[no-untyped-def]
+    import tritonclient.http as httpclient
+
+    return httpclient.InferenceServerClient(server.http_url.split("://")[-1])

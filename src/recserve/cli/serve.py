@@ -120,9 +120,9 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
         "--engine",
         choices=sorted(ENGINES),
         default="local",
-        help="local: worker threads calling the model (default); rec: the DeepRecSys engine, "
-        "which gets every request as it comes and joins them itself (on a GPU in its runner "
-        "process; on the CPU, split over worker processes)",
+        help="local: worker threads calling the model (default); rec: the DeepRecSys engine in "
+        "a process of its own, which front ends send requests to directly; it joins them "
+        "itself (on a GPU in its runner process; on the CPU, split over worker processes)",
     )
     p.add_argument(
         "--frontends",

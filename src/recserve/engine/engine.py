@@ -15,6 +15,7 @@ import os
 import select
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -138,6 +139,8 @@ class RecEngine:
         self._sched_applied = threading.Event()
         self._fail_queued = False
         self._stop = False
+        self._readers: dict[int, Callable[[], None]] = {}
+        self._ready: list[int] = []
         self._idle = threading.Condition()
         self._thread = threading.Thread(target=self._loop, name="recserve-engine", daemon=True)
         self._thread.start()
@@ -222,6 +225,13 @@ class RecEngine:
     # -- the InferenceEngine protocol --------------------------------------------------------
 
     def submit(self, batch: Batch) -> Future[torch.Tensor]:
+        future = self.admit(batch)
+        self._waker.wake()
+        return future
+
+    def admit(self, batch: Batch) -> Future[torch.Tensor]:
+        """:meth:`submit` without waking the loop thread: for a reader callback (see
+        :meth:`add_reader`), which runs on that thread just before its next step."""
         b = batch.batch_size
         if not 0 < b <= self.engine_config.max_query_items:
             raise ValueError(
@@ -229,8 +239,18 @@ class RecEngine:
             )
         future: Future[torch.Tensor] = Future()
         self.core.admit(b, batch, future)
-        self._waker.wake()
         return future
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` on the loop thread whenever ``fd`` is readable, before the step
+        that follows: requests read there go into that step with no thread hand-off, and
+        their futures resolve on the same thread (call from the loop thread, or before any
+        request arrives)."""
+        self._readers = {**self._readers, fd: callback}  # a new dict: the loop may be reading
+        self._waker.wake()
+
+    def remove_reader(self, fd: int) -> None:
+        self._readers = {k: v for k, v in self._readers.items() if k != fd}
 
     def stats(self) -> dict[str, Any]:
         out = self.core.stats()
@@ -306,6 +326,16 @@ class RecEngine:
                 self._sched_applied.set()
             if self._fail_queued:
                 self.core.fail_waiting(EngineClosed("the engine is shutting down"))
+            ready, self._ready = self._ready, []
+            for fd in ready:
+                callback = self._readers.get(fd)
+                if callback is None:
+                    continue
+                try:
+                    callback()
+                except Exception:  # a reader's bug must not stop the engine
+                    log.exception("engine reader callback failed; removing it")
+                    self.remove_reader(fd)
             try:
                 self.core.step()
             except Exception as err:  # a bug must not strand callers: fail what is queued
@@ -324,7 +354,11 @@ class RecEngine:
             waitables += self._pool.waitables()
         if isinstance(self._gpu, GpuProcessRunner):
             waitables += self._gpu.waitables()
-        select.select(waitables, [], [], timeout)
+        readers = self._readers
+        waitables += readers
+        ready, _, _ = select.select(waitables, [], [], timeout)
+        if readers:
+            self._ready = [fd for fd in ready if fd in readers]
 
     def _shutdown_executors(self) -> None:
         if self._gpu is not None:

@@ -47,27 +47,23 @@ import torch
 from recserve.config import ModelConfig
 from recserve.server import ipc
 from recserve.server.batching import Result
+from recserve.server.engine_host import ERRORS, batch_from_frame
 from recserve.server.errors import (
     InvalidArgument,
     NotFound,
-    PayloadTooLarge,
-    QueueFull,
     ServerError,
     Unavailable,
     internal,
 )
 from recserve.server.protocol import ModelSignature
 from recserve.server.settings import ServerSettings
-from recserve.types import Batch, KeyedJagged
+from recserve.types import Batch
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_ERRORS: dict[str, type[ServerError]] = {
-    cls.__name__: cls
-    for cls in (ServerError, InvalidArgument, NotFound, PayloadTooLarge, QueueFull, Unavailable)
-}
+_ERRORS = ERRORS
 
 
 def format_address(host: str, port: int | None) -> str:
@@ -95,29 +91,6 @@ def _hold_port(host: str, port: int) -> socket.socket:
 
 
 # ----------------------------------------------------------------------------- server side
-
-
-def batch_from_frame(
-    config: ModelConfig, meta: dict[str, Any], data: bytearray | memoryview
-) -> Batch:
-    """The batch a front end sent: views of the frame's binary part, no copies."""
-    keys = config.feature_keys
-    try:
-        b, n = int(meta["b"]), int(meta["n_values"])
-        pos = meta["arrays"]
-        values = ipc.array(data, pos[1], "<i8", n)
-        offsets = ipc.array(data, pos[2], "<i8", len(keys) * b + 1)
-        nd = config.num_dense
-        dense = (
-            torch.from_numpy(ipc.array(data, pos[0], "<f4", b * nd).reshape(b, nd))
-            if nd
-            else torch.zeros((b, 0), dtype=torch.float32)
-        )
-    except (KeyError, IndexError, TypeError, ValueError) as e:
-        raise InvalidArgument(f"malformed batch from a front-end process: {e}") from None
-    sparse = KeyedJagged(keys, torch.from_numpy(values), torch.from_numpy(offsets), b)
-    sparse.key_offsets()
-    return Batch(dense, sparse)
 
 
 class FrontendHub:
@@ -341,6 +314,7 @@ class _Link:
                 "config": served.config.to_dict(),
                 "max_items": served.serving.max_items,
                 "generation": served.generation,
+                "engine": getattr(served.engine, "address", None),
             }
         )
 
@@ -443,6 +417,9 @@ class RemoteModel:
     signature: ModelSignature
     generation: int
     version: str = ""
+    engine: str | None = None
+    """The address of the model's engine process, when it takes requests directly
+    (:mod:`recserve.server.engine_host`); None: through the server process."""
 
 
 class _RemoteRequestMetrics:
@@ -468,9 +445,83 @@ class _RemoteMetrics:
         return _RemoteRequestMetrics(self.core, model, protocol)
 
 
+class _Channel:
+    """Calls over one framed connection (to the server process, or to an engine process):
+    each request gets an ``id``, its answer resolves the future of that id."""
+
+    def __init__(
+        self,
+        on_other: Callable[[dict[str, Any]], None] | None = None,
+        on_lost: Callable[[], None] | None = None,
+        peer: str = "the server process",
+    ) -> None:
+        self.peer = peer
+        self.proto = ipc.FrameProtocol(self._on_frame, self._on_lost)
+        self._calls: dict[int, asyncio.Future[tuple[dict[str, Any], bytearray]]] = {}
+        self._ids = itertools.count()
+        self._on_other = on_other
+        self._on_lost_cb = on_lost
+
+    async def connect(self, path: str) -> None:
+        await asyncio.get_running_loop().create_unix_connection(lambda: self.proto, path)
+
+    def send(self, meta: dict[str, Any], arrays: tuple[np.ndarray, ...] = ()) -> bool:
+        return self.proto.send(meta, arrays)
+
+    async def call(
+        self, meta: dict[str, Any], arrays: tuple[np.ndarray, ...] = (), stale: bool = False
+    ) -> tuple[dict[str, Any], bytearray]:
+        """Send one request and wait for its answer; a failed one raises its error, marked
+        ``stale`` when it is ``Unavailable`` and ``stale`` is set (the caller may refetch
+        the model and retry)."""
+        call = next(self._ids)
+        future: asyncio.Future[tuple[dict[str, Any], bytearray]]
+        future = asyncio.get_running_loop().create_future()
+        self._calls[call] = future
+        if not self.send({**meta, "id": call}, arrays):
+            self._calls.pop(call, None)
+            error = Unavailable(f"{self.peer} is gone")
+            error.stale = stale  # type: ignore[attr-defined]
+            raise error
+        try:
+            reply, data = await future
+        except Unavailable as e:
+            e.stale = stale  # type: ignore[attr-defined]
+            raise
+        if "error" in reply:
+            error = _ERRORS.get(reply["error"], ServerError)(reply["message"])
+            error.stale = reply.get("stale", False) or (  # type: ignore[attr-defined]
+                stale and isinstance(error, Unavailable)
+            )
+            raise error
+        return reply, data
+
+    def _on_frame(self, meta: dict[str, Any], data: bytearray) -> None:
+        future = self._calls.pop(meta.get("id", -1), None)
+        if future is not None:
+            if not future.done():
+                future.set_result((meta, data))
+        elif self._on_other is not None:
+            self._on_other(meta)
+
+    def _on_lost(self) -> None:
+        for future in self._calls.values():
+            if not future.done():
+                future.set_exception(Unavailable(f"{self.peer} is gone"))
+                future.exception()  # its caller may be gone too (shutdown): nothing to log
+        self._calls.clear()
+        if self._on_lost_cb is not None:
+            self._on_lost_cb()
+
+    def close(self) -> None:
+        if self.proto.transport is not None:
+            self.proto.transport.close()
+
+
 class FrontendCore:
     """What the infer handlers use in a front end (the same calls as
-    :class:`~recserve.server.core.ServerCore`): decode here, infer in the server process."""
+    :class:`~recserve.server.core.ServerCore`): decode here, infer in the server process, or
+    in the model's engine process when it has one."""
 
     def __init__(self, settings: ServerSettings, arena: ipc.Arena | None = None) -> None:
         self.settings = settings
@@ -482,17 +533,22 @@ class FrontendCore:
         self.stopping = asyncio.Event()
         self.grace_s = settings.grace_s
         self._models: dict[tuple[str, str], RemoteModel] = {}
-        self._calls: dict[int, asyncio.Future[tuple[dict[str, Any], bytearray]]] = {}
-        self._ids = itertools.count()
-        self._proto: ipc.FrameProtocol | None = None
+        self._server: _Channel | None = None
+        self._engines: dict[str, _Channel] = {}
+        self._opening: dict[str, asyncio.Future[_Channel]] = {}
 
     async def connect(self, path: str) -> None:
-        proto = ipc.FrameProtocol(self._on_frame, self._on_lost)
-        await asyncio.get_running_loop().create_unix_connection(lambda: proto, path)
-        self._proto = proto
+        channel = _Channel(self._on_control, self._on_server_lost)
+        await channel.connect(path)
+        self._server = channel
+
+    def _on_server_lost(self) -> None:
+        self._server = None
+        self.grace_s = 0.0
+        self.stopping.set()
 
     def send(self, meta: dict[str, Any], arrays: tuple[np.ndarray, ...] = ()) -> bool:
-        return self._proto is not None and self._proto.send(meta, arrays)
+        return self._server is not None and self._server.send(meta, arrays)
 
     async def model(self, name: str, version: str = "") -> RemoteModel:
         found = self._models.get((name, version))
@@ -502,7 +558,11 @@ class FrontendCore:
         meta, _ = await self._call({"op": "model", "model": name, "version": version})
         config = ModelConfig.from_dict(meta["config"])
         found = RemoteModel(
-            meta["name"], ModelSignature(config, meta["max_items"]), meta["generation"], version
+            meta["name"],
+            ModelSignature(config, meta["max_items"]),
+            meta["generation"],
+            version,
+            meta.get("engine"),
         )
         self._models[(name, version)] = found
         return found
@@ -513,8 +573,9 @@ class FrontendCore:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     async def infer(self, served: RemoteModel, batch: Batch) -> Result:
-        """Run ``batch`` (decoded against ``served``) in the server process. When the model was
-        reloaded meanwhile with the same signature, the batch is still valid and goes again."""
+        """Run ``batch`` (decoded against ``served``) in the server process or the model's
+        engine process. When the model was reloaded meanwhile with the same signature, the
+        batch is still valid and goes again."""
         try:
             return await self._infer(served, batch)
         except ServerError as e:
@@ -531,24 +592,31 @@ class FrontendCore:
 
     async def _infer(self, served: RemoteModel, batch: Batch) -> Result:
         sparse = batch.sparse
-        meta = {
+        meta: dict[str, Any] = {
             "op": "infer",
-            "model": served.name,
-            "version": served.version,
-            "generation": served.generation,
             "b": batch.batch_size,
             "n_values": sparse.values.numel(),
         }
+        if served.engine is None:
+            channel = self._server
+            meta.update(model=served.name, version=served.version, generation=served.generation)
+        else:
+            channel = await self._engine(served.engine)
+        if channel is None:
+            raise Unavailable("the server process is gone")
+        direct = served.engine is not None
         arrays = (batch.dense.numpy(), sparse.values.numpy(), sparse.offsets.numpy())
         arena = self.arena
         placed = arena.write(arrays) if arena is not None else None
         if placed is None:  # no arena, or it is full: the arrays go in the frame
-            reply, data = await self._call(meta, arrays)
+            reply, data = await channel.call(meta, arrays, stale=direct)
         else:
             block, offsets = placed
             try:
-                reply, data = await self._call({**meta, "shm": block, "arrays": offsets})
-            finally:  # the server process has answered: it reads the block no more
+                reply, data = await channel.call(
+                    {**meta, "shm": block, "arrays": offsets}, stale=direct
+                )
+            finally:  # answered (or gone): the block is read no more
                 assert arena is not None
                 arena.free(block)
         scores = ipc.array(data, reply["arrays"][0], "<f4", int(np.prod(reply["shape"])))
@@ -556,45 +624,52 @@ class FrontendCore:
             torch.from_numpy(scores.reshape(reply["shape"])), reply["queue_s"], reply["compute_s"]
         )
 
+    async def _engine(self, address: str) -> _Channel:
+        """The connection to the engine process at ``address`` (opened on first use)."""
+        channel = self._engines.get(address)
+        if channel is not None:
+            return channel
+        opening = self._opening.get(address)
+        if opening is None:
+            opening = asyncio.ensure_future(self._open_engine(address))
+            self._opening[address] = opening
+            opening.add_done_callback(lambda _: self._opening.pop(address, None))
+        return await asyncio.shield(opening)
+
+    async def _open_engine(self, address: str) -> _Channel:
+        def forget() -> None:
+            if self._engines.get(address) is channel:
+                del self._engines[address]
+
+        channel = _Channel(on_lost=forget, peer="the model's engine process")
+        try:
+            await channel.connect(address)
+        except OSError as e:
+            error = Unavailable(f"the model's engine process cannot be reached ({e})")
+            error.stale = True  # type: ignore[attr-defined]
+            raise error from None
+        if self.arena is not None:
+            channel.send({"op": "hello", "arena": self.arena.path, "arena_size": self.arena.size})
+        self._engines[address] = channel
+        return channel
+
     async def _call(
         self, meta: dict[str, Any], arrays: tuple[np.ndarray, ...] = ()
     ) -> tuple[dict[str, Any], bytearray]:
-        call = next(self._ids)
-        future: asyncio.Future[tuple[dict[str, Any], bytearray]]
-        future = asyncio.get_running_loop().create_future()
-        self._calls[call] = future
-        if not self.send({**meta, "id": call}, arrays):
-            self._calls.pop(call, None)
+        if self._server is None:
             raise Unavailable("the server process is gone")
-        reply, data = await future
-        if "error" in reply:
-            error = _ERRORS.get(reply["error"], ServerError)(reply["message"])
-            error.stale = reply.get("stale", False)  # type: ignore[attr-defined]
-            raise error
-        return reply, data
+        return await self._server.call(meta, arrays)
 
-    def _on_frame(self, meta: dict[str, Any], data: bytearray) -> None:
+    def _on_control(self, meta: dict[str, Any]) -> None:
         if meta.get("op") == "stop":
             self.grace_s = float(meta.get("grace_s", self.grace_s))
             self.stopping.set()
-            return
-        future = self._calls.pop(meta.get("id", -1), None)
-        if future is not None and not future.done():
-            future.set_result((meta, data))
-
-    def _on_lost(self) -> None:
-        self._proto = None
-        for future in self._calls.values():
-            if not future.done():
-                future.set_exception(Unavailable("the server process is gone"))
-                future.exception()  # its caller may be gone too (shutdown): nothing to log
-        self._calls.clear()
-        self.grace_s = 0.0
-        self.stopping.set()
 
     def close(self) -> None:
-        if self._proto is not None and self._proto.transport is not None:
-            self._proto.transport.close()
+        if self._server is not None:
+            self._server.close()
+        for channel in self._engines.values():
+            channel.close()
         self.executor.shutdown(wait=False)
         if self.arena is not None:
             self.arena.close()

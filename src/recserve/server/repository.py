@@ -59,13 +59,16 @@ def local_engine_factory(model: torch.nn.Module, serving: ServingConfig) -> Infe
 
 
 def rec_engine_factory(model: torch.nn.Module, serving: ServingConfig) -> InferenceEngine:
-    """The DeepRecSys engine (:class:`~recserve.engine.RecEngine`). On a GPU (``serving.device``
-    ``cuda``/``auto`` with one present): every batch the batcher forms goes to the engine's GPU
-    runner process (whole-forward CUDA graphs, its host work off the server's interpreter
-    lock); on the CPU: CPU worker processes, the batches split DeepRecSys-style. The engine
-    joins queued requests itself, so the server's batcher passes each request straight to it
+    """The DeepRecSys engine (:class:`~recserve.engine.RecEngine`), in a process of its own
+    (:class:`~recserve.server.engine_host.EngineHost`: front-end processes send it requests
+    directly, off the server process's interpreter lock). On a GPU (``serving.device``
+    ``cuda``/``auto`` with one present): every request goes to the engine's GPU runner process
+    (whole-forward CUDA graphs), queued requests coalesced into one batch; on the CPU: CPU
+    worker processes, the requests split DeepRecSys-style. The engine joins queued requests
+    itself, so the server's batcher passes each request straight to it
     (``RecEngine.coalesces``); ``max_inflight_batches`` sets the runner's slots."""
-    from recserve.engine import EngineConfig, RecEngine, SchedConfig
+    from recserve.engine import EngineConfig, SchedConfig
+    from recserve.server.engine_host import EngineHost
 
     device = resolve_device(serving.device)
     items = max(serving.max_items, serving.max_batch_items)
@@ -82,7 +85,7 @@ def rec_engine_factory(model: torch.nn.Module, serving: ServingConfig) -> Infere
         )
     else:
         config = EngineConfig(device="none", max_query_items=items, queue_capacity=queue)
-    return RecEngine(model.cpu(), config)
+    return EngineHost(model.cpu(), config)
 
 
 ENGINES: dict[str, EngineFactory] = {"local": local_engine_factory, "rec": rec_engine_factory}
@@ -307,8 +310,15 @@ class ModelRepository:
 
 def _view(served: ServedModel) -> ModelView:
     batcher = served.batcher
+
+    def queue_depth() -> int:
+        depth = batcher.queued_requests + batcher.inflight_requests
+        if getattr(served.engine, "address", None) is not None:  # front ends reach it directly
+            depth += int(served.engine.stats().get("in_system", 0) or 0)
+        return depth
+
     return ModelView(
-        queue_depth=lambda: batcher.queued_requests + batcher.inflight_requests,
+        queue_depth=queue_depth,
         inflight_batches=lambda: batcher.inflight_batches,
         ready=lambda: served.ready,
         engine_stats=served.engine.stats,
