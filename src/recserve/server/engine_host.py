@@ -148,6 +148,9 @@ class HostSpec:
     model_path: str
     config: EngineConfig
     address: str
+    torch_threads: int
+    """The server process's: the engine's joins of large batches use them (a process with a
+    thread per core of its own would contend with the front ends and the clients)."""
 
 
 class _Listener:
@@ -297,6 +300,7 @@ def _host_main(spec: HostSpec, conn: Connection) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the server decides
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(spec.torch_threads)
     try:
         engine = RecEngine(load_shared_model(spec.model_path), spec.config)
         listener = _Listener(engine, spec.address)
@@ -338,7 +342,7 @@ class EngineHost:
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(
             target=_host_main,
-            args=(HostSpec(str(path), config, self.address), child),
+            args=(HostSpec(str(path), config, self.address, torch.get_num_threads()), child),
             name=f"recserve-engine-{self.config.name}",
             daemon=False,  # it starts processes of its own; it exits when this one is gone
         )
