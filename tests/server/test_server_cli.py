@@ -124,3 +124,27 @@ def test_bench_server_writes_summary_first(tmp_path: Path, engine: str) -> None:
     for proto in ("inprocess", "http", "grpc"):  # each side's best level is its saturation QPS
         best = max(lv[proto]["qps"] for lv in saturation["levels"])
         assert saturation[proto]["qps"] == best > 0 and saturation[proto]["errors"] == 0
+
+
+def test_the_in_process_side_of_bench_server_is_the_engine_itself() -> None:
+    """The server runs the rec engine in a process of its own; the baseline it is compared
+    with must be that engine called in this process, configured the same way."""
+    from recserve.engine import RecEngine
+    from recserve.models import build_model
+    from recserve.server.bench import in_process_engine
+    from recserve.server.repository import rec_engine_config
+    from recserve.server.settings import ServingConfig
+
+    model = build_model("ncf", "tiny", seed=0)
+    opts = BenchOptions(models=("ncf",), preset="tiny", device="cpu", engine="rec", workers=1)
+    engine = in_process_engine(model, opts)
+    try:
+        assert isinstance(engine, RecEngine)
+        serving = ServingConfig(device="cpu", max_items=4096)
+        assert engine.engine_config.max_query_items == rec_engine_config(serving).max_query_items
+        batch = query(model.config, 3)
+        np.testing.assert_allclose(
+            engine.submit(batch).result(30).numpy(), reference(model, batch), rtol=1e-5, atol=1e-6
+        )
+    finally:
+        engine.close()

@@ -41,13 +41,14 @@ import torch
 from recserve.bench.common import device_label, write_result
 from recserve.config import ModelConfig
 from recserve.engine.config import EngineConfig
+from recserve.engine.engine import RecEngine
 from recserve.engine.interface import InferenceEngine
 from recserve.loadgen.synthetic import QueryFactory
 from recserve.models import build_model, load_model, save_model
 from recserve.runtime import resolve_device
 from recserve.server.client import GRPCClient, HTTPClient, InferError
 from recserve.server.local_engine import LocalEngine
-from recserve.server.repository import ENGINES
+from recserve.server.repository import ENGINES, rec_engine_config
 from recserve.server.settings import ServingConfig
 from recserve.types import Batch, validate_batch
 
@@ -292,6 +293,8 @@ def in_process_engine(model: torch.nn.Module, opts: BenchOptions) -> InferenceEn
         max_items=max(4096, opts.batch),
         max_inflight_batches=inflight_batches(opts),
     )
+    if opts.engine == "rec":  # the engine itself, here (the server runs it in a process of its own)
+        return RecEngine(model.cpu(), rec_engine_config(serving))
     return ENGINES[opts.engine](model, serving)
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from recserve.config import ModelConfig
+from recserve.engine.config import EngineConfig
 from recserve.engine.interface import InferenceEngine
 from recserve.runtime import resolve_device
 from recserve.server.batching import DynamicBatcher
@@ -58,24 +59,20 @@ def local_engine_factory(model: torch.nn.Module, serving: ServingConfig) -> Infe
     )
 
 
-def rec_engine_factory(model: torch.nn.Module, serving: ServingConfig) -> InferenceEngine:
-    """The DeepRecSys engine (:class:`~recserve.engine.RecEngine`), in a process of its own
-    (:class:`~recserve.server.engine_host.EngineHost`: front-end processes send it requests
-    directly, off the server process's interpreter lock). On a GPU (``serving.device``
-    ``cuda``/``auto`` with one present): every request goes to the engine's GPU runner process
+def rec_engine_config(serving: ServingConfig) -> EngineConfig:
+    """How the server configures the DeepRecSys engine: on a GPU (``serving.device``
+    ``cuda``/``auto`` with one present) every request goes to the engine's GPU runner process
     (whole-forward CUDA graphs), queued requests coalesced into one batch; on the CPU: CPU
-    worker processes, the requests split DeepRecSys-style. The engine joins queued requests
-    itself, so the server's batcher passes each request straight to it
-    (``RecEngine.coalesces``); ``max_inflight_batches`` sets the runner's slots."""
+    worker processes, the requests split DeepRecSys-style. ``max_inflight_batches`` sets the
+    runner's slots."""
     from recserve.engine import EngineConfig, SchedConfig
-    from recserve.server.engine_host import EngineHost
 
     device = resolve_device(serving.device)
     items = max(serving.max_items, serving.max_batch_items)
     # the batcher hands it every request alone (it coalesces itself), up to the server's bound
     queue = max(serving.engine_queue, serving.max_inflight_batches, serving.max_queue_requests)
     if device.type == "cuda":
-        config = EngineConfig(
+        return EngineConfig(
             sched=SchedConfig(sub_batch_size=None, gpu_threshold=0, gpu_max_batch=items),
             cpu_workers=0,
             device=str(device),
@@ -83,9 +80,19 @@ def rec_engine_factory(model: torch.nn.Module, serving: ServingConfig) -> Infere
             queue_capacity=queue,
             gpu_max_inflight=max(2, serving.max_inflight_batches),
         )
-    else:
-        config = EngineConfig(device="none", max_query_items=items, queue_capacity=queue)
-    return EngineHost(model.cpu(), config)
+    return EngineConfig(device="none", max_query_items=items, queue_capacity=queue)
+
+
+def rec_engine_factory(model: torch.nn.Module, serving: ServingConfig) -> InferenceEngine:
+    """The DeepRecSys engine (:class:`~recserve.engine.RecEngine`, configured by
+    :func:`rec_engine_config`) in a process of its own
+    (:class:`~recserve.server.engine_host.EngineHost`: front-end processes send it requests
+    directly, off the server process's interpreter lock). The engine joins queued requests
+    itself, so the server's batcher passes each request straight to it
+    (``RecEngine.coalesces``)."""
+    from recserve.server.engine_host import EngineHost
+
+    return EngineHost(model.cpu(), rec_engine_config(serving))
 
 
 ENGINES: dict[str, EngineFactory] = {"local": local_engine_factory, "rec": rec_engine_factory}
