@@ -281,3 +281,41 @@ def test_an_engine_failure_is_answered_and_serving_goes_on(frontends: int) -> No
         finally:
             http.close()
             grpc_client.close()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_rec_engine_process_refuses_overload_and_loses_nothing(protocol: str) -> None:
+    """Front ends send straight to the rec engine's process; with room for one request there,
+    concurrent callers get the overload status or the right scores, and the metrics (which
+    front ends report) count both."""
+    from recserve.server.repository import rec_engine_factory
+
+    model = build_model("wnd", "tiny", seed=6)
+    serving = ServingConfig(engine_queue=1, max_queue_requests=1, max_inflight_batches=1)
+    settings = ServerSettings(http_port=0, grpc_port=0, frontends=1, serving=serving)
+    batches = [query(model.config, 1 + i % 7, seed=i) for i in range(48)]
+    local = threading.local()
+    with ServerThread(settings, rec_engine_factory, models={"wnd": model}) as server:
+
+        def call(i: int) -> str:
+            if not hasattr(local, "client"):
+                url = server.http_url if protocol == "http" else server.grpc_url
+                local.client = HTTPClient(url) if protocol == "http" else GRPCClient(url)
+            try:
+                scores = local.client.infer("wnd", model.config, batches[i])
+            except InferError as e:
+                return str(e.status)
+            np.testing.assert_allclose(scores, reference(model, batches[i]), rtol=1e-5, atol=1e-6)
+            return f"ok{i}"
+
+        with ThreadPoolExecutor(16) as pool:
+            outcomes = list(pool.map(call, range(len(batches))))
+        refused = "429" if protocol == "http" else "RESOURCE_EXHAUSTED"
+        ok = [int(o[2:]) for o in outcomes if o.startswith("ok")]
+        assert len(ok) + outcomes.count(refused) == len(batches), Counter(outcomes)
+        assert ok and outcomes.count(refused), Counter(outcomes)
+        failures = f'recserve_request_failures_total{{model="wnd",protocol="{protocol}",reason="overloaded"}}'
+        wait_until(lambda: metric(server, failures) == outcomes.count(refused))
+        items = sum(batches[i].batch_size for i in ok)
+        wait_until(lambda: metric(server, 'recserve_items_total{model="wnd"}') == items)
+        assert server.server.core.repository.get("wnd").engine.stats()["rejected"] > 0
