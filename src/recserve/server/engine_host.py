@@ -430,6 +430,10 @@ class _ServerLink:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.connect(address)
         self._lock = threading.Lock()
+        """Guards the calls; held briefly (the reader takes it for every answer)."""
+        self._send_lock = threading.Lock()
+        """One frame at a time on the socket. Not ``_lock``: a send that waits for room while
+        the engine waits for room to answer must not keep the reader from reading."""
         self._ids = itertools.count()
         self._calls: dict[int, Future[Any]] = {}
         self._gone: BaseException | None = None
@@ -462,7 +466,7 @@ class _ServerLink:
 
     def _send(self, call: int, meta: dict[str, Any], arrays: tuple[Any, ...] = ()) -> None:
         try:
-            with self._lock:
+            with self._send_lock:
                 send_frame(self.sock, meta, arrays)
         except OSError as e:
             with self._lock:
