@@ -37,7 +37,7 @@ import torch
 from recserve.engine.batching import HostBuffers, concat_batches
 from recserve.engine.gpu_runner import split_output
 from recserve.engine.request import Completion, Query
-from recserve.engine.shared import ArenaSpec, StagingArena, load_shared_model
+from recserve.engine.shared import ArenaSpec, StagingArena, load_shared_model, wait_for_child
 
 log = logging.getLogger(__name__)
 
@@ -129,16 +129,11 @@ class GpuProcessRunner:
         """Block until the runner has built its model (graphs captured); raise if it failed."""
         if self.info:
             return
-        if not self._conn.poll(self._start_timeout):
-            self.close()
-            raise RuntimeError(f"the GPU runner did not start within {self._start_timeout:.0f} s")
         try:
-            kind, payload = self._conn.recv()
-        except EOFError:
-            kind, payload = "error", f"exited during start-up (code {self._proc.exitcode})"
-        if kind != "ready":
+            payload = wait_for_child(self._conn, self._proc, self._start_timeout, "the GPU runner")
+        except RuntimeError:
             self.close()
-            raise RuntimeError(f"the GPU runner failed to start: {payload}")
+            raise
         self.info = payload
         self.pid = int(payload["pid"])
         # From here on, fixed-size records straight on the socket (no pickling, and a

@@ -19,6 +19,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -196,3 +197,17 @@ class StagingArena:
             b,
         )
         return Batch(self.dense[slot, :b], sparse)
+
+
+def wait_for_child(conn: Any, proc: Any, timeout_s: float, what: str) -> Any:
+    """The payload of a child process's ``("ready", payload)`` message on ``conn``;
+    ``RuntimeError`` naming ``what`` when it fails, exits or is silent for ``timeout_s``."""
+    if not conn.poll(timeout_s):
+        raise RuntimeError(f"{what} did not start within {timeout_s:.0f} s")
+    try:
+        kind, payload = conn.recv()
+    except EOFError:
+        kind, payload = "error", f"exited during start-up (code {proc.exitcode})"
+    if kind != "ready":
+        raise RuntimeError(f"{what} failed to start: {payload}")
+    return payload

@@ -53,6 +53,7 @@ from recserve.engine.shared import (
     pick_shared_dir,
     save_shared_model,
     unlink_shared_model,
+    wait_for_child,
 )
 from recserve.server import ipc
 from recserve.server.errors import (
@@ -349,14 +350,7 @@ class EngineHost:
         try:
             self._proc.start()
             child.close()
-            if not self._conn.poll(start_timeout_s):
-                raise RuntimeError(f"the engine process did not start in {start_timeout_s:.0f} s")
-            try:
-                kind, payload = self._conn.recv()
-            except EOFError:
-                kind, payload = "error", f"exited during start-up (code {self._proc.exitcode})"
-            if kind != "ready":
-                raise RuntimeError(f"the engine process failed to start: {payload}")
+            payload = wait_for_child(self._conn, self._proc, start_timeout_s, "the engine process")
             self.pid = int(payload["pid"])
             self._link = _ServerLink(self.address, self.config.name)
         except BaseException:
