@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 
 from recserve.engine.batching import concat_batches as join_batches
-from recserve.engine.interface import EngineClosed, InferenceEngine, Overloaded
-from recserve.server.errors import QueueFull, ServerError, Unavailable
+from recserve.engine.interface import EngineClosed, InferenceEngine
+from recserve.server.errors import QueueFull, ServerError, Unavailable, refusal
 from recserve.types import Batch
 
 
@@ -275,10 +275,7 @@ class DynamicBatcher:
 
 def _request_error(error: BaseException) -> BaseException:
     """A fresh exception for one request, engine refusals mapped to server errors."""
-    if isinstance(error, Overloaded):
-        return QueueFull(f"engine queue is full; retry later ({error})")
-    if isinstance(error, EngineClosed):
-        return Unavailable(f"engine is shutting down ({error})")
+    error = refusal(error)
     if isinstance(error, ServerError):
         return type(error)(str(error))
     return RuntimeError(f"inference failed: {type(error).__name__}: {error}")

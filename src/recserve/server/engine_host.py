@@ -46,7 +46,7 @@ import torch
 
 from recserve.config import ModelConfig
 from recserve.engine.config import EngineConfig
-from recserve.engine.interface import EngineClosed, Overloaded
+from recserve.engine.interface import EngineClosed
 from recserve.engine.shared import (
     load_shared_model,
     model_nbytes,
@@ -58,12 +58,11 @@ from recserve.engine.shared import (
 from recserve.server import ipc
 from recserve.server.errors import (
     InvalidArgument,
-    NotFound,
-    PayloadTooLarge,
-    QueueFull,
     ServerError,
-    Unavailable,
+    error_frame,
+    error_from_frame,
     internal,
+    refusal,
 )
 from recserve.types import Batch, KeyedJagged
 
@@ -73,29 +72,17 @@ SEND_TIMEOUT_S = 30.0
 """How long the engine's thread waits for a reader that does not take its answers before it
 drops that connection (a stuck front end must not stall the engine)."""
 
-ERRORS: dict[str, type[ServerError]] = {
-    cls.__name__: cls
-    for cls in (ServerError, InvalidArgument, NotFound, PayloadTooLarge, QueueFull, Unavailable)
-}
-
 
 def error_meta(call: int, error: BaseException) -> dict[str, Any]:
-    """The reply frame of a failed request: the error's class (as the receiver knows it)."""
-    if isinstance(error, Overloaded):
-        error = QueueFull(f"engine queue is full; retry later ({error})")
-    elif isinstance(error, EngineClosed):
-        error = Unavailable(f"engine is shutting down ({error})")
-    elif isinstance(error, ValueError):
+    """The reply frame of a failed request (engine refusals and size errors as the server
+    answers them; anything else as an internal error)."""
+    error = refusal(error)
+    if isinstance(error, ValueError):
         error = InvalidArgument(str(error))
     elif not isinstance(error, ServerError):
         log.error("engine request failed", exc_info=error)
         error = internal(error)
-    name = next(c.__name__ for c in type(error).__mro__ if c.__name__ in ERRORS)
-    return {"id": call, "error": name, "message": str(error)}
-
-
-def error_from_meta(meta: dict[str, Any]) -> ServerError:
-    return ERRORS.get(meta["error"], ServerError)(meta["message"])
+    return error_frame(call, error)
 
 
 def send_frame(sock: socket.socket, meta: dict[str, Any], arrays: tuple[Any, ...] = ()) -> None:
@@ -109,13 +96,10 @@ def batch_arrays(batch: Batch) -> tuple[np.ndarray, ...]:
     return batch.dense.numpy(), sparse.values.numpy(), sparse.offsets.numpy()
 
 
-def infer_meta(call: int, batch: Batch) -> dict[str, Any]:
-    return {
-        "op": "infer",
-        "id": call,
-        "b": batch.batch_size,
-        "n_values": batch.sparse.values.numel(),
-    }
+def infer_meta(batch: Batch) -> dict[str, Any]:
+    """The head of an ``infer`` frame for ``batch`` (the arrays' offsets and the call's ``id``
+    are added by the sender)."""
+    return {"op": "infer", "b": batch.batch_size, "n_values": batch.sparse.values.numel()}
 
 
 # ----------------------------------------------------------------------- the engine's side
@@ -441,7 +425,7 @@ class _ServerLink:
         future: Future[torch.Tensor] = Future()
         call = self._call(future)
         future.set_running_or_notify_cancel()
-        self._send(call, infer_meta(call, batch), batch_arrays(batch))
+        self._send(call, {**infer_meta(batch), "id": call}, batch_arrays(batch))
         return future
 
     def stats(self, timeout_s: float) -> dict[str, Any]:
@@ -494,7 +478,7 @@ class _ServerLink:
         if future is None:
             return
         if "error" in meta:
-            future.set_exception(error_from_meta(meta))
+            future.set_exception(error_from_frame(meta))
         elif "stats" in meta:
             future.set_result(meta["stats"])
         else:

@@ -7,6 +7,8 @@ aborted RPC with :attr:`ServerError.grpc_code`. ``reason`` labels the failure in
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class ServerError(Exception):
     """A request that cannot be answered; the message says why and names the tensor."""
@@ -60,3 +62,33 @@ def internal(error: BaseException) -> ServerError:
     """What any other failure (a failing model, a bug) is answered with: HTTP 500, gRPC
     INTERNAL, and what went wrong."""
     return ServerError(f"internal error: {type(error).__name__}: {error}")
+
+
+def refusal(error: BaseException) -> BaseException:
+    """An engine's refusal (``Overloaded``, ``EngineClosed``) as the server error it is
+    answered with; any other error as it is."""
+    from recserve.engine.interface import EngineClosed, Overloaded
+
+    if isinstance(error, Overloaded):
+        return QueueFull(f"engine queue is full; retry later ({error})")
+    if isinstance(error, EngineClosed):
+        return Unavailable(f"engine is shutting down ({error})")
+    return error
+
+
+WIRE_ERRORS: dict[str, type[ServerError]] = {
+    cls.__name__: cls
+    for cls in (ServerError, InvalidArgument, NotFound, PayloadTooLarge, QueueFull, Unavailable)
+}
+"""The errors a failed request's reply frame names between recserve's own processes."""
+
+
+def error_frame(call: int, error: ServerError) -> dict[str, Any]:
+    """The reply frame of request ``call`` failed with ``error``: its class and message."""
+    name = next(c.__name__ for c in type(error).__mro__ if c.__name__ in WIRE_ERRORS)
+    return {"id": call, "error": name, "message": str(error)}
+
+
+def error_from_frame(meta: dict[str, Any]) -> ServerError:
+    """The error a reply frame made by :func:`error_frame` names."""
+    return WIRE_ERRORS.get(meta["error"], ServerError)(meta["message"])

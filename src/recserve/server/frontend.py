@@ -47,12 +47,14 @@ import torch
 from recserve.config import ModelConfig
 from recserve.server import ipc
 from recserve.server.batching import Result
-from recserve.server.engine_host import ERRORS, batch_from_frame
+from recserve.server.engine_host import batch_from_frame, infer_meta
 from recserve.server.errors import (
     InvalidArgument,
     NotFound,
     ServerError,
     Unavailable,
+    error_frame,
+    error_from_frame,
     internal,
 )
 from recserve.server.protocol import ModelSignature
@@ -62,8 +64,6 @@ from recserve.types import Batch
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-_ERRORS = ERRORS
 
 
 def format_address(host: str, port: int | None) -> str:
@@ -378,13 +378,7 @@ class _Stale(Unavailable):
 
 
 def _error_meta(call: int, error: ServerError) -> dict[str, Any]:
-    name = next(c.__name__ for c in type(error).__mro__ if c.__name__ in _ERRORS)
-    return {
-        "id": call,
-        "error": name,
-        "message": str(error),
-        "stale": isinstance(error, (_Stale, NotFound)),
-    }
+    return {**error_frame(call, error), "stale": isinstance(error, (_Stale, NotFound))}
 
 
 # -------------------------------------------------------------------------- front-end side
@@ -489,7 +483,7 @@ class _Channel:
             e.stale = stale  # type: ignore[attr-defined]
             raise
         if "error" in reply:
-            error = _ERRORS.get(reply["error"], ServerError)(reply["message"])
+            error = error_from_frame(reply)
             error.stale = reply.get("stale", False) or (  # type: ignore[attr-defined]
                 stale and isinstance(error, Unavailable)
             )
@@ -592,11 +586,7 @@ class FrontendCore:
 
     async def _infer(self, served: RemoteModel, batch: Batch) -> Result:
         sparse = batch.sparse
-        meta: dict[str, Any] = {
-            "op": "infer",
-            "b": batch.batch_size,
-            "n_values": sparse.values.numel(),
-        }
+        meta = infer_meta(batch)
         if served.engine is None:
             channel = self._server
             meta.update(model=served.name, version=served.version, generation=served.generation)
