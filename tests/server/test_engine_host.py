@@ -16,7 +16,7 @@ def test_engine_process_answers_counts_and_closes() -> None:
     model = build_model("dlrm-rmc2", "tiny", seed=2)
     config = EngineConfig(device="none", max_query_items=64, queue_capacity=16)
     batches = [query(model.config, b, seed=b) for b in (1, 8, 64)]
-    with EngineHost(model, config) as host:
+    with EngineHost(model, config, torch_threads=2) as host:
         futures = [host.submit(b) for b in batches]  # in flight together
         for batch, future in zip(batches, futures, strict=True):
             np.testing.assert_allclose(
@@ -24,6 +24,7 @@ def test_engine_process_answers_counts_and_closes() -> None:
             )
         stats = host.stats()
         assert stats["accepted"] == 3 and stats["items"] == 73 and stats["in_system"] == 0
+        assert stats["torch_threads"] == 2  # its own, not one per core nor this process's
         with pytest.raises(ValueError, match="must be 1 to 64"):
             host.submit(query(model.config, 65))
     with pytest.raises(EngineClosed):

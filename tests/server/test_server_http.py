@@ -5,6 +5,8 @@ from __future__ import annotations
 import http.client
 import json
 import shutil
+import socket
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ from tritonclient.utils import InferenceServerException
 
 from recserve.models import RecModel, load_model
 from recserve.server import InvalidArgument, ServerSettings, ServerThread
-from recserve.server.client import HTTPClient, batch_tensors
+from recserve.server.client import HTTPClient, batch_tensors, send_buffers
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +116,28 @@ def test_own_http_client(server: ServerThread, models: dict[str, RecModel]) -> N
             )
     finally:
         c.close()
+
+
+def test_send_buffers_sends_every_byte_in_order_through_partial_sends() -> None:
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # the kernel takes a little at a time
+    rng = np.random.default_rng(0)
+    buffers: list[Any] = [rng.bytes(n) for n in (0, 1, 70_000, 3, 0, 250_000, 17)]
+    buffers[2] = memoryview(np.frombuffer(buffers[2], np.int64))  # not a byte view: cast
+    expected = b"".join(bytes(memoryview(x).cast("B")) for x in buffers)
+    got = bytearray()
+
+    def read() -> None:
+        while len(got) < len(expected):
+            got.extend(b.recv(65536))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    send_buffers(a, buffers)
+    reader.join(30)
+    a.close()
+    b.close()
+    assert bytes(got) == expected
 
 
 def body_of(model: RecModel, batch: Any, edit: Any = None) -> tuple[bytes, dict[str, str]]:

@@ -101,7 +101,8 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
         "--intra-op-threads",
         type=int,
         default=s.intra_op_threads,
-        help="torch threads per local engine worker (default %(default)s)",
+        help="torch threads per local engine worker, and of the rec engine's process "
+        "(default %(default)s)",
     )
     p.add_argument(
         "--workers",

@@ -89,10 +89,13 @@ def rec_engine_factory(model: torch.nn.Module, serving: ServingConfig) -> Infere
     (:class:`~recserve.server.engine_host.EngineHost`: front-end processes send it requests
     directly, off the server process's interpreter lock). The engine joins queued requests
     itself, so the server's batcher passes each request straight to it
-    (``RecEngine.coalesces``)."""
+    (``RecEngine.coalesces``). The engine process runs ``serving.intra_op_threads`` torch
+    threads, not one per core (see :class:`~recserve.server.engine_host.HostSpec`)."""
     from recserve.server.engine_host import EngineHost
 
-    return EngineHost(model.cpu(), rec_engine_config(serving))
+    return EngineHost(
+        model.cpu(), rec_engine_config(serving), torch_threads=serving.intra_op_threads
+    )
 
 
 ENGINES: dict[str, EngineFactory] = {"local": local_engine_factory, "rec": rec_engine_factory}

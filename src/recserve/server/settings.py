@@ -35,8 +35,8 @@ class ServingConfig:
     """Worker threads of the local engine."""
     intra_op_threads: int = 1
     """Torch threads of each local engine worker (DeepRecSys runs one per worker: scale with
-    ``workers``); OpenMP teams in several threads of one process stall each other on a busy
-    machine."""
+    ``workers``), and of the rec engine's process; OpenMP teams in several threads of one
+    process stall each other on a busy machine."""
     engine_queue: int = 64
     """Bounded queue of the local engine (batches)."""
     device: str = "cpu"
