@@ -38,14 +38,18 @@ def _echo(sock: socket.socket, spin: bool) -> None:
         sock.sendall(data)
 
 
-def process_round_trip(n: int, spin: bool) -> list[float]:
-    """Ping-pong one byte with a child process over a unix socket pair."""
+def process_round_trip(n: int, spin: bool, idle_s: float = 0.0) -> list[float]:
+    """Ping-pong one byte with a child process over a unix socket pair; with ``idle_s``, both
+    sides sleep that long before each round trip (a sequential query's hand-offs find idle
+    cores: waking one costs more than a back-to-back round trip shows)."""
     ours, theirs = socket.socketpair()
     child = mp.get_context("fork").Process(target=_echo, args=(theirs, spin), daemon=True)
     child.start()
     ours.setblocking(not spin)
     samples = []
     for _ in range(n):
+        if idle_s:
+            time.sleep(idle_s)
         start = time.perf_counter()
         ours.sendall(b"x")
         while True:
@@ -123,6 +127,11 @@ def main() -> None:
         "thread_queue": stats(thread_round_trip(args.n)),
         "thread_to_event_loop": stats(event_loop_round_trip(args.n)),
     }
+    for idle_ms in (0.5, 2.0, 10.0):  # fewer: each waits
+        rounds = max(50, min(args.n, int(2.0 / (idle_ms / 1e3))))
+        cases[f"process_blocking_after_{idle_ms:g}ms_idle"] = stats(
+            process_round_trip(rounds, spin=False, idle_s=idle_ms / 1e3)
+        )
     for name, c in cases.items():
         print(f"{name:22s} p50 {c['p50_us']:7.1f} us   p90 {c['p90_us']:7.1f} us")
     summary = {f"{k}_p50_us": v["p50_us"] for k, v in cases.items()}
