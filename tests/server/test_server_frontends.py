@@ -169,6 +169,36 @@ def test_front_ends_send_requests_to_the_engine_process_directly(repo) -> None: 
         assert http.is_server_live()
 
 
+def test_busy_polling_front_end_and_engine_answer_the_same(repo) -> None:  # type: ignore[no-untyped-def]
+    """With ``busy_poll_us`` the front end's event loop and the engine's loop poll for the
+    answers they wait on; the answers are the same and the engine runs with the setting."""
+    from recserve.models import load_model
+    from recserve.server.repository import rec_engine_factory
+    from recserve.server.settings import ServingConfig
+
+    model = load_model(repo / "wnd")
+    settings = ServerSettings(
+        repository=repo,
+        models=("wnd",),
+        http_port=0,
+        grpc_port=0,
+        frontends=1,
+        grace_s=5.0,
+        serving=ServingConfig(busy_poll_us=300),
+    )
+    with ServerThread(settings, rec_engine_factory) as server:
+        for b in (1, 17):
+            batch = query(model.config, b, seed=b)
+            for client in (HTTPClient(server.http_url), GRPCClient(server.grpc_url)):
+                try:
+                    got = client.infer("wnd", model.config, batch)
+                finally:
+                    client.close()
+                np.testing.assert_allclose(got, reference(model, batch), rtol=1e-5, atol=1e-6)
+        stats = server.server.core.repository.get("wnd").engine.stats()
+        assert stats["busy_poll_us"] == 300 and stats["accepted"] == 4
+
+
 def tritonclient_http(server: ServerThread):  # type: ignore[no-untyped-def]
     import tritonclient.http as httpclient
 

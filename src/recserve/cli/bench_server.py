@@ -92,6 +92,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default=d.intra_op_threads,
         help="torch threads per engine worker, in-process and in the server alike",
     )
+    p.add_argument(
+        "--busy-poll-us",
+        type=int,
+        default=d.busy_poll_us,
+        help="busy polling of the front ends and the rec engine, in-process and in the server "
+        "alike (recserve serve --busy-poll-us; default %(default)s: off)",
+    )
     p.add_argument("--out", type=Path, default=d.out, help="results folder")
     p.set_defaults(func=run)
     return p
@@ -116,6 +123,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         engine=args.engine,
         frontends=args.frontends,
         intra_op_threads=args.intra_op_threads,
+        busy_poll_us=args.busy_poll_us,
         out=args.out,
         name="bench_server_quick" if args.quick else "bench_server",
         **fields,

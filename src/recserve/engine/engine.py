@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import select
 import threading
 import time
 from collections.abc import Callable
@@ -39,6 +38,7 @@ from recserve.engine.shared import (
     unlink_shared_model,
 )
 from recserve.pipeline import runner_model
+from recserve.polling import select_readable
 from recserve.types import Batch
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,7 @@ class RecEngine:
             raise ValueError("an engine needs CPU workers or a runner device")
         ids_per_item = config.max_ids_per_item or default_ids_per_item(self.config)
         self._waker = _Waker()
+        self._spin_s = config.busy_poll_us / 1e6
         self._pool: CpuWorkerPool | None = None
         self._gpu: GpuRunner | GpuProcessRunner | None = None
         try:
@@ -257,6 +258,7 @@ class RecEngine:
         out["cpu_workers"] = self._pool.num_workers if self._pool is not None else 0
         out["device"] = str(self.device) if self.device is not None else "none"
         out["schedule"] = self.core.scheduler.config.to_dict()
+        out["busy_poll_us"] = self.engine_config.busy_poll_us
         return out
 
     def close(self, drain: bool = True, timeout: float | None = None) -> None:
@@ -356,7 +358,8 @@ class RecEngine:
             waitables += self._gpu.waitables()
         readers = self._readers
         waitables += readers
-        ready, _, _ = select.select(waitables, [], [], timeout)
+        spin = self._spin_s if self.core.in_system else 0.0
+        ready = select_readable(waitables, timeout, spin)
         if readers:
             self._ready = [fd for fd in ready if fd in readers]
 

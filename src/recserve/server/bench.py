@@ -90,6 +90,9 @@ class BenchOptions:
     intra_op_threads: int = 1
     """Torch threads per engine worker, in-process and in the server alike (and of both
     processes' other threads: validation, clients)."""
+    busy_poll_us: int = 0
+    """Busy polling of the front ends and the rec engine (``recserve serve --busy-poll-us``),
+    in-process and in the server alike."""
     seed: int = 0
     out: Path = Path("benchmarks/results")
     name: str = "bench_server"
@@ -292,6 +295,7 @@ def in_process_engine(model: torch.nn.Module, opts: BenchOptions) -> InferenceEn
         intra_op_threads=opts.intra_op_threads,
         max_items=max(4096, opts.batch),
         max_inflight_batches=inflight_batches(opts),
+        busy_poll_us=opts.busy_poll_us,
     )
     if opts.engine == "rec":  # the engine itself, here (the server runs it in a process of its own)
         return RecEngine(model.cpu(), rec_engine_config(serving))
@@ -311,6 +315,7 @@ class ServerProcess:
             "--frontends", str(resolve_frontends(opts.frontends)),
             "--torch-threads", str(opts.intra_op_threads),
             "--engine", opts.engine, "--max-inflight-batches", str(inflight_batches(opts)),
+            "--busy-poll-us", str(opts.busy_poll_us),
         ]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None

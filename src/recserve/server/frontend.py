@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from recserve.config import ModelConfig
+from recserve.polling import PollingSelector
 from recserve.server import ipc
 from recserve.server.batching import Result
 from recserve.server.engine_host import batch_from_frame, infer_meta
@@ -530,6 +531,9 @@ class FrontendCore:
         self._server: _Channel | None = None
         self._engines: dict[str, _Channel] = {}
         self._opening: dict[str, asyncio.Future[_Channel]] = {}
+        self.outstanding = 0
+        """Requests sent to the server or an engine process and not answered yet (busy
+        polling polls only while there are some)."""
 
     async def connect(self, path: str) -> None:
         channel = _Channel(self._on_control, self._on_server_lost)
@@ -598,17 +602,21 @@ class FrontendCore:
         arrays = (batch.dense.numpy(), sparse.values.numpy(), sparse.offsets.numpy())
         arena = self.arena
         placed = arena.write(arrays) if arena is not None else None
-        if placed is None:  # no arena, or it is full: the arrays go in the frame
-            reply, data = await channel.call(meta, arrays, stale=direct)
-        else:
-            block, offsets = placed
-            try:
-                reply, data = await channel.call(
-                    {**meta, "shm": block, "arrays": offsets}, stale=direct
-                )
-            finally:  # answered (or gone): the block is read no more
-                assert arena is not None
-                arena.free(block)
+        self.outstanding += 1
+        try:
+            if placed is None:  # no arena, or it is full: the arrays go in the frame
+                reply, data = await channel.call(meta, arrays, stale=direct)
+            else:
+                block, offsets = placed
+                try:
+                    reply, data = await channel.call(
+                        {**meta, "shm": block, "arrays": offsets}, stale=direct
+                    )
+                finally:  # answered (or gone): the block is read no more
+                    assert arena is not None
+                    arena.free(block)
+        finally:
+            self.outstanding -= 1
         scores = ipc.array(data, reply["arrays"][0], "<f4", int(np.prod(reply["shape"])))
         return Result(
             torch.from_numpy(scores.reshape(reply["shape"])), reply["queue_s"], reply["compute_s"]
@@ -672,10 +680,13 @@ def frontend_main(spec: FrontendSpec) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the server decides
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(1)
-    asyncio.run(_serve_frontend(spec))
+    spin_s = spec.settings.serving.busy_poll_us / 1e6
+    selector = PollingSelector(spin_s)
+    with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(selector)) as runner:
+        runner.run(_serve_frontend(spec, selector))
 
 
-async def _serve_frontend(spec: FrontendSpec) -> None:
+async def _serve_frontend(spec: FrontendSpec, selector: PollingSelector | None = None) -> None:
     import grpc.aio
     from aiohttp import web
 
@@ -688,6 +699,8 @@ async def _serve_frontend(spec: FrontendSpec) -> None:
         path = os.path.join(spec.arena_dir, f"arena-{spec.index}-{os.getpid()}")
         arena = ipc.Arena(path, max(16 << 20, 2 * settings.max_body_bytes))
     core = FrontendCore(settings, arena)
+    if selector is not None:
+        selector.busy = lambda: core.outstanding > 0
     await core.connect(spec.ipc_path)
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, core.stopping.set)

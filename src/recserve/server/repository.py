@@ -79,8 +79,14 @@ def rec_engine_config(serving: ServingConfig) -> EngineConfig:
             max_query_items=items,
             queue_capacity=queue,
             gpu_max_inflight=max(2, serving.max_inflight_batches),
+            busy_poll_us=serving.busy_poll_us,
         )
-    return EngineConfig(device="none", max_query_items=items, queue_capacity=queue)
+    return EngineConfig(
+        device="none",
+        max_query_items=items,
+        queue_capacity=queue,
+        busy_poll_us=serving.busy_poll_us,
+    )
 
 
 def rec_engine_factory(model: torch.nn.Module, serving: ServingConfig) -> InferenceEngine:

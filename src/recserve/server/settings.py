@@ -41,6 +41,10 @@ class ServingConfig:
     """Bounded queue of the local engine (batches)."""
     device: str = "cpu"
     """Where the model runs: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``."""
+    busy_poll_us: int = 0
+    """Front-end processes and the rec engine poll, without sleeping, for up to this long for
+    the answers they wait on (:mod:`recserve.polling`): lower latency on a lightly loaded
+    machine, for the cores' time. 0: off."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -54,6 +58,8 @@ class ServingConfig:
                 raise ValueError(f"serving config: {name} must be >= 1")
         if self.max_queue_requests < 1 or self.engine_queue < 1:
             raise ValueError("serving config: queue sizes must be >= 1")
+        if self.busy_poll_us < 0:
+            raise ValueError("serving config: busy_poll_us must be >= 0")
         if self.max_queue_delay_ms < 0:
             raise ValueError("serving config: max_queue_delay_ms must be >= 0")
 
