@@ -271,6 +271,22 @@ def test_fast_path_equals_tensor_by_tensor(name: str) -> None:
     assert torch.equal(sig.fast_batch(*fast_args(tensors)).dense, batch.dense)  # type: ignore[union-attr]
 
 
+def test_fast_path_uses_a_writable_body_in_place() -> None:
+    """An HTTP body is the request's own bytearray: the dense features are a view of it (no
+    copy); read-only bytes (gRPC) are copied, as torch needs writable memory."""
+    config = get_config("wnd", "tiny")
+    sig = ModelSignature(config, max_items=100)
+    batch = query(config, 5)
+    names, datatypes, shapes, buffers = fast_args(wire(batch, config))
+    owned = [memoryview(bytearray(b)) for b in buffers]
+    fast = sig.fast_batch(names, datatypes, shapes, owned)
+    assert fast is not None
+    same(fast, batch)
+    dense_buf = owned[names.index("dense")]
+    np.frombuffer(dense_buf, "<f4")[0] += 1.0  # the body changes: so does the batch
+    assert fast.dense[0, 0].item() == pytest.approx(batch.dense[0, 0].item() + 1.0)
+
+
 def _with(
     tensors: dict[str, WireTensor], name: str, data: np.ndarray, shape=None
 ) -> dict[str, WireTensor]:  # type: ignore[no-untyped-def]

@@ -309,7 +309,10 @@ class ModelSignature:
         offsets[0] = 0
         np.add(per_key[:, 1:], bases[:, None], out=offsets[1:].reshape(f, b))
         if nd:
-            dense = torch.from_numpy(np.frombuffer(bytearray(dense_buf), "<f4").reshape(b, nd))
+            flat = np.frombuffer(dense_buf, "<f4")
+            if not flat.flags.writeable:  # bytes (gRPC): torch wants memory it may write
+                flat = flat.copy()
+            dense = torch.from_numpy(flat.reshape(b, nd))  # HTTP: a view of the body
         else:
             dense = torch.zeros((b, 0), dtype=torch.float32)
         return self._validated(dense, values, offsets, b)
