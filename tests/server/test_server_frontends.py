@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from typing import Any
 
 import numpy as np
 import pytest
@@ -136,13 +137,7 @@ def test_front_ends_send_requests_to_the_engine_process_directly(repo) -> None: 
     )
 
     def check_all(server: ServerThread) -> None:
-        for batch in batches:
-            for client in (HTTPClient(server.http_url), GRPCClient(server.grpc_url)):
-                try:
-                    got = client.infer("wnd", model.config, batch)
-                finally:
-                    client.close()
-                np.testing.assert_allclose(got, reference(model, batch), rtol=1e-5, atol=1e-6)
+        answers_over_both_protocols(server, "wnd", model, batches)
 
     with ServerThread(settings, rec_engine_factory) as server:
         core = server.server.core
@@ -187,16 +182,23 @@ def test_busy_polling_front_end_and_engine_answer_the_same(repo) -> None:  # typ
         serving=ServingConfig(busy_poll_us=300),
     )
     with ServerThread(settings, rec_engine_factory) as server:
-        for b in (1, 17):
-            batch = query(model.config, b, seed=b)
-            for client in (HTTPClient(server.http_url), GRPCClient(server.grpc_url)):
-                try:
-                    got = client.infer("wnd", model.config, batch)
-                finally:
-                    client.close()
-                np.testing.assert_allclose(got, reference(model, batch), rtol=1e-5, atol=1e-6)
+        batches = [query(model.config, b, seed=b) for b in (1, 17)]
+        answers_over_both_protocols(server, "wnd", model, batches)
         stats = server.server.core.repository.get("wnd").engine.stats()
         assert stats["busy_poll_us"] == 300 and stats["accepted"] == 4
+
+
+def answers_over_both_protocols(
+    server: ServerThread, name: str, model: Any, batches: list[Any]
+) -> None:
+    """Each batch over HTTP and gRPC (own clients) is answered with the model's scores."""
+    for batch in batches:
+        for client in (HTTPClient(server.http_url), GRPCClient(server.grpc_url)):
+            try:
+                got = client.infer(name, model.config, batch)
+            finally:
+                client.close()
+            np.testing.assert_allclose(got, reference(model, batch), rtol=1e-5, atol=1e-6)
 
 
 def tritonclient_http(server: ServerThread):  # type: ignore[no-untyped-def]
