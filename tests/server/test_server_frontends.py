@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ from server_helpers import query, reference, wait_until
 
 from recserve.models import build_model
 from recserve.server import InvalidArgument, ServerSettings, ServerThread, ipc
-from recserve.server.client import GRPCClient, HTTPClient
+from recserve.server.client import GRPCClient, HTTPClient, batch_tensors
 from recserve.server.frontend import batch_from_frame
 
 
@@ -119,6 +120,67 @@ def test_arena_first_fit_reuses_freed_space(tmp_path) -> None:  # type: ignore[n
     del view
     arena.close()
     other.close()
+
+
+def test_arena_staging_gives_its_block_back_once_no_decode_writes_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A request decoded into the arena: the batch is right and lives in the block; released
+    (answered, or its validation failed after staging), the block is free; while a decode still
+    writes on a worker thread (its request cancelled), the block waits for it."""
+    from recserve.models import get_config
+    from recserve.server.frontend import ArenaStaging
+    from recserve.server.http_codec import decode_infer_request
+    from recserve.server.protocol import ModelSignature
+
+    config = get_config("wnd", "tiny")
+    sig = ModelSignature(config, max_items=64)
+    arena = ipc.Arena(str(tmp_path / "arena"), 1 << 20)
+    batch = query(config, 9)
+    body, header = http_body(batch, config)
+
+    staging = ArenaStaging(arena)
+    decoded = decode_infer_request(body, header, sig, staging)
+    np.testing.assert_array_equal(decoded.batch.sparse.values, batch.sparse.values)
+    np.testing.assert_array_equal(decoded.batch.dense, batch.dense)
+    assert staging.placed is not None and arena.live_blocks == 1
+    block, offsets = staging.placed
+    view = arena.view(block)
+    np.testing.assert_array_equal(
+        ipc.array(view, offsets[1], "<i8", batch.sparse.values.numel()), batch.sparse.values
+    )
+    del view
+    staging.release()
+    assert arena.live_blocks == 0
+
+    bad = query(config, 9)
+    bad.sparse.values[0] = 10**9  # out of range: caught after the arrays are staged
+    body, header = http_body(bad, config)
+    staging = ArenaStaging(arena)
+    with pytest.raises(InvalidArgument, match="out of range"):
+        decode_infer_request(body, header, sig, staging)
+    assert arena.live_blocks == 1
+    staging.release()
+    assert arena.live_blocks == 0
+
+    staging = ArenaStaging(arena)
+    decode_infer_request(*http_body(batch, config), sig, staging)
+    writer: concurrent.futures.Future[None] = concurrent.futures.Future()
+    staging.writer = writer  # a decode still running on a worker thread
+    staging.release()
+    assert arena.live_blocks == 1
+    writer.set_result(None)
+    assert arena.live_blocks == 0
+    del decoded
+    arena.close()
+
+
+def http_body(batch: Any, config: Any) -> tuple[bytearray, int]:
+    inputs, blobs = [], []
+    for name, datatype, shape, data in batch_tensors(batch, config):
+        size = {"binary_data_size": data.nbytes}
+        inputs.append({"name": name, "datatype": datatype, "shape": shape, "parameters": size})
+        blobs.append(bytes(data))
+    header = json.dumps({"inputs": inputs}).encode()
+    return bytearray(header + b"".join(blobs)), len(header)
 
 
 def test_front_ends_send_requests_to_the_engine_process_directly(repo) -> None:  # type: ignore[no-untyped-def]

@@ -287,6 +287,35 @@ def test_fast_path_uses_a_writable_body_in_place() -> None:
     assert fast.dense[0, 0].item() == pytest.approx(batch.dense[0, 0].item() + 1.0)
 
 
+@pytest.mark.parametrize("name", ["wnd", "dlrm-rmc2", "ncf", "din"])
+def test_fast_path_decodes_into_the_staging_arrays(name: str) -> None:
+    """With a staging callable the arrays are written where it says (a front end's arena);
+    the batch is the same, and a staging that has no room leaves the decoder its own."""
+    config = get_config(name, "tiny")
+    sig = ModelSignature(config, max_items=100)
+    batch = query(config, 7)
+    args = fast_args(wire(batch, config))
+    given: dict[str, np.ndarray] = {}
+    asked: list[tuple[int, ...]] = []
+
+    def staging(b: int, nd: int, n: int, no: int):  # type: ignore[no-untyped-def]
+        asked.append((b, nd, n, no))
+        given.update(dense=np.full((b, nd), np.nan, np.float32), values=np.full(n, -9),
+                     offsets=np.full(no, -9))  # fmt: skip
+        return given["dense"], given["values"], given["offsets"]
+
+    staged = sig.fast_batch(*args, out=staging)
+    assert staged is not None
+    same(staged, batch)
+    b, n = 7, batch.sparse.values.numel()
+    assert asked == [(b, config.num_dense, n, len(config.feature_keys) * b + 1)]
+    assert np.shares_memory(staged.sparse.values.numpy(), given["values"])
+    assert np.shares_memory(staged.sparse.offsets.numpy(), given["offsets"])
+    if config.num_dense:
+        assert np.shares_memory(staged.dense.numpy(), given["dense"])
+    same(sig.fast_batch(*args, out=lambda *_: None), batch)  # no room: its own arrays
+
+
 def _with(
     tensors: dict[str, WireTensor], name: str, data: np.ndarray, shape=None
 ) -> dict[str, WireTensor]:  # type: ignore[no-untyped-def]

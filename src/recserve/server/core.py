@@ -65,7 +65,12 @@ class ServerCore:
             return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    async def infer(self, served: ServedModel, batch: Batch) -> Result:
+    def staging(self) -> None:
+        """Where a request is decoded into: arrays of its own here (see
+        :meth:`~recserve.server.frontend.FrontendCore.staging`)."""
+        return None
+
+    async def infer(self, served: ServedModel, batch: Batch, staging: Any = None) -> Result:
         return await self.submit(served, batch)
 
     def submit(self, served: ServedModel, batch: Batch) -> asyncio.Future[Result]:

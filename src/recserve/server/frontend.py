@@ -417,6 +417,50 @@ class RemoteModel:
     (:mod:`recserve.server.engine_host`); None: through the server process."""
 
 
+class ArenaStaging:
+    """A request's arrays decoded straight into a block of the front end's arena
+    (:data:`~recserve.server.protocol.Staging`): one copy from the request's bytes instead of
+    one into a buffer of the decoder's and one more into the arena. ``release()`` gives the
+    block back (the handler calls it once the engine has answered, or the decode failed)."""
+
+    def __init__(self, arena: ipc.Arena) -> None:
+        self.arena = arena
+        self.placed: tuple[tuple[int, int], list[int]] | None = None
+        self.writer: concurrent.futures.Future[Any] | None = None
+        """The decode writing into the block on a worker thread, if any: the block is given
+        back only once it is done (a cancelled request must not free memory still written)."""
+
+    def __call__(
+        self, b: int, num_dense: int, n_values: int, n_offsets: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        if self.placed is not None:
+            raise RuntimeError("a request's staging is used once")
+        placed = self.arena.place([4 * b * num_dense, 8 * n_values, 8 * n_offsets])
+        if placed is None:  # full for now: the decoder's own arrays, sent in the frame
+            return None
+        self.placed = placed
+        block, (d, v, o) = placed
+        arena = self.arena
+        dense = arena.array(block, d, "<f4", b * num_dense).reshape(b, num_dense)
+        return (
+            dense,
+            arena.array(block, v, "<i8", n_values),
+            arena.array(block, o, "<i8", n_offsets),
+        )
+
+    def release(self) -> None:
+        writer = self.writer
+        if writer is not None and not writer.done():
+            writer.add_done_callback(lambda _: self._free())  # at once if done meanwhile
+            return
+        self._free()
+
+    def _free(self) -> None:
+        placed, self.placed = self.placed, None
+        if placed is not None:
+            self.arena.free(placed[0])
+
+
 class _RemoteRequestMetrics:
     def __init__(self, core: FrontendCore, model: str, protocol: str) -> None:
         self.core, self.model, self.protocol = core, model, protocol
@@ -566,16 +610,29 @@ class FrontendCore:
         return found
 
     async def decode(self, nbytes: int, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)``: inline for small bodies, on a worker thread for large ones (an
+        :class:`ArenaStaging` among ``args`` learns of that thread)."""
         if nbytes < self.settings.offload_bytes:
             return fn(*args)
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        future = self.executor.submit(fn, *args)
+        for arg in args:
+            if isinstance(arg, ArenaStaging):
+                arg.writer = future
+        return await asyncio.wrap_future(future)
 
-    async def infer(self, served: RemoteModel, batch: Batch) -> Result:
-        """Run ``batch`` (decoded against ``served``) in the server process or the model's
-        engine process. When the model was reloaded meanwhile with the same signature, the
-        batch is still valid and goes again."""
+    def staging(self) -> ArenaStaging | None:
+        """Where one request is decoded into: a block of this front end's arena, so its arrays
+        are copied once from the request's bytes (the handler releases it when answered)."""
+        return None if self.arena is None else ArenaStaging(self.arena)
+
+    async def infer(
+        self, served: RemoteModel, batch: Batch, staging: ArenaStaging | None = None
+    ) -> Result:
+        """Run ``batch`` (decoded against ``served``, into ``staging`` when its block holds
+        it) in the server process or the model's engine process. When the model was reloaded
+        meanwhile with the same signature, the batch is still valid and goes again."""
         try:
-            return await self._infer(served, batch)
+            return await self._infer(served, batch, staging)
         except ServerError as e:
             if not getattr(e, "stale", False):
                 raise
@@ -586,9 +643,11 @@ class FrontendCore:
         old, new = served.signature, fresh.signature
         if old.config != new.config or old.max_items != new.max_items:
             raise Unavailable(f"model {served.name!r} was reloaded with a new signature; retry")
-        return await self._infer(fresh, batch)
+        return await self._infer(fresh, batch, staging)
 
-    async def _infer(self, served: RemoteModel, batch: Batch) -> Result:
+    async def _infer(
+        self, served: RemoteModel, batch: Batch, staging: ArenaStaging | None
+    ) -> Result:
         sparse = batch.sparse
         meta = infer_meta(batch)
         if served.engine is None:
@@ -601,22 +660,25 @@ class FrontendCore:
         direct = served.engine is not None
         arrays = (batch.dense.numpy(), sparse.values.numpy(), sparse.offsets.numpy())
         arena = self.arena
-        placed = arena.write(arrays) if arena is not None else None
+        own = None  # a block taken here, given back here
+        if staging is not None and staging.placed is not None:
+            placed: tuple[tuple[int, int], list[int]] | None = staging.placed
+        else:
+            placed = own = arena.write(arrays) if arena is not None else None
         self.outstanding += 1
         try:
             if placed is None:  # no arena, or it is full: the arrays go in the frame
                 reply, data = await channel.call(meta, arrays, stale=direct)
             else:
                 block, offsets = placed
-                try:
-                    reply, data = await channel.call(
-                        {**meta, "shm": block, "arrays": offsets}, stale=direct
-                    )
-                finally:  # answered (or gone): the block is read no more
-                    assert arena is not None
-                    arena.free(block)
+                reply, data = await channel.call(
+                    {**meta, "shm": block, "arrays": offsets}, stale=direct
+                )
         finally:
             self.outstanding -= 1
+            if own is not None:  # answered (or gone): the block is read no more
+                assert arena is not None
+                arena.free(own[0])
         scores = ipc.array(data, reply["arrays"][0], "<f4", int(np.prod(reply["shape"])))
         return Result(
             torch.from_numpy(scores.reshape(reply["shape"])), reply["queue_s"], reply["compute_s"]

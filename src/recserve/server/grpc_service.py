@@ -30,6 +30,7 @@ from recserve.server.errors import InvalidArgument, ServerError, internal
 from recserve.server.grpc_wire import split_infer_request
 from recserve.server.protocol import (
     ModelSignature,
+    Staging,
     WireTensor,
     tensor_from_bytes,
     tensor_from_list,
@@ -60,8 +61,10 @@ def decode_infer_request(
     request: service_pb2.ModelInferRequest,
     raw: Sequence[bytes | memoryview],
     signature: ModelSignature,
+    out: Staging | None = None,
 ) -> tuple[Batch, list[str]]:
-    """The batch of a ModelInferRequest (raw contents apart) and the outputs it asks for."""
+    """The batch of a ModelInferRequest (raw contents apart) and the outputs it asks for (the
+    common layout's arrays written where ``out`` says, when given)."""
     raw = raw or request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise InvalidArgument(
@@ -77,7 +80,11 @@ def decode_infer_request(
     if raw:
         inputs = request.inputs
         batch = signature.fast_batch(
-            [t.name for t in inputs], [t.datatype for t in inputs], [t.shape for t in inputs], raw
+            [t.name for t in inputs],
+            [t.datatype for t in inputs],
+            [t.shape for t in inputs],
+            raw,
+            out,
         )
         if batch is not None:
             return batch, outputs
@@ -193,11 +200,12 @@ class KServeServicer:
             core.metrics.for_request("", "grpc").failure(e.reason)
             raise
         metrics = core.metrics.for_request(served.name, "grpc")
+        staging = core.staging()
         try:
             batch, outputs = await core.decode(
-                len(data), decode_infer_request, request, raw, served.signature
+                len(data), decode_infer_request, request, raw, served.signature, staging
             )
-            result = await core.infer(served, batch)
+            result = await core.infer(served, batch, staging)
             scores = result.scores.numpy()
             response = service_pb2.ModelInferResponse(
                 model_name=served.name, model_version=VERSION, id=request.id
@@ -211,6 +219,9 @@ class KServeServicer:
         except Exception:
             metrics.failure(ServerError.reason)
             raise
+        finally:
+            if staging is not None:
+                staging.release()
         metrics.success(
             batch.batch_size, result.queue_s, result.compute_s, time.perf_counter() - start
         )

@@ -18,6 +18,7 @@ import numpy as np
 from recserve.server.errors import InvalidArgument
 from recserve.server.protocol import (
     ModelSignature,
+    Staging,
     WireTensor,
     tensor_from_bytes,
     tensor_from_list,
@@ -50,16 +51,20 @@ def parse_header_length(value: str | None, body_size: int) -> int | None:
 
 
 def decode_infer_request(
-    body: bytes | bytearray, header_length: int | None, signature: ModelSignature
+    body: bytes | bytearray,
+    header_length: int | None,
+    signature: ModelSignature,
+    out: Staging | None = None,
 ) -> InferRequest:
-    """Decode and validate an HTTP infer body into a :class:`InferRequest`."""
+    """Decode and validate an HTTP infer body into a :class:`InferRequest` (the common layout's
+    arrays written where ``out`` says, when given)."""
     size = len(body) if header_length is None else header_length
     request = load_json_object(memoryview(body)[:size])
     binary = memoryview(body)[size:]
     inputs = request.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise InvalidArgument("request must have a non-empty 'inputs' list")
-    batch = _fast_batch(inputs, binary, signature)
+    batch = _fast_batch(inputs, binary, signature, out)
     if batch is None:
         batch = _general_batch(inputs, binary, signature)
     request_id = request.get("id")
@@ -69,7 +74,9 @@ def decode_infer_request(
     return InferRequest(batch, request_id, outputs)
 
 
-def _fast_batch(inputs: list[Any], binary: memoryview, signature: ModelSignature) -> Batch | None:
+def _fast_batch(
+    inputs: list[Any], binary: memoryview, signature: ModelSignature, out: Staging | None
+) -> Batch | None:
     """The common case, every input binary: its batch, or None for the general path."""
     names, datatypes, shapes, buffers = [], [], [], []
     pos = 0
@@ -88,7 +95,7 @@ def _fast_batch(inputs: list[Any], binary: memoryview, signature: ModelSignature
         pos += nbytes
     if pos != len(binary):
         return None
-    return signature.fast_batch(names, datatypes, shapes, buffers)
+    return signature.fast_batch(names, datatypes, shapes, buffers, out)
 
 
 def _general_batch(inputs: list[Any], binary: memoryview, signature: ModelSignature) -> Batch:

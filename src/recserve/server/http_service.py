@@ -151,13 +151,14 @@ class _Handlers:
             core.metrics.for_request("", "http").failure(e.reason)
             raise
         metrics = core.metrics.for_request(served.name, "http")
+        staging = core.staging()
         try:
             body = await _read_body(request, core.settings.max_body_bytes)
             header_length = parse_header_length(request.headers.get(HEADER_LENGTH), len(body))
             decoded = await core.decode(
-                len(body), decode_infer_request, body, header_length, served.signature
+                len(body), decode_infer_request, body, header_length, served.signature, staging
             )
-            result = await core.infer(served, decoded.batch)
+            result = await core.infer(served, decoded.batch, staging)
             payload, json_size = encode_infer_response(
                 served.name, VERSION, decoded, result.scores.numpy()
             )
@@ -170,6 +171,9 @@ class _Handlers:
         except Exception:
             metrics.failure(ServerError.reason)
             raise
+        finally:
+            if staging is not None:
+                staging.release()
         metrics.success(
             decoded.batch.batch_size, result.queue_s, result.compute_s, time.perf_counter() - start
         )

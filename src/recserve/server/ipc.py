@@ -15,6 +15,7 @@ import json
 import mmap
 import os
 import struct
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -161,7 +162,8 @@ class Arena:
     so a request's megabytes never travel through the socket (the frame names where they are).
 
     First-fit over the live blocks, lowest address first, so only as much of the file is ever
-    touched as the requests in flight at once need. Single-threaded (one event loop)."""
+    touched as the requests in flight at once need. Blocks are taken and given back under a
+    lock (large requests are decoded into it on worker threads)."""
 
     def __init__(self, path: str, size: int, create: bool = True) -> None:
         self.path, self.size = path, size
@@ -174,40 +176,56 @@ class Arena:
         finally:
             os.close(fd)
         self._live: list[tuple[int, int]] = []
+        self._lock = threading.Lock()
 
     def alloc(self, nbytes: int) -> tuple[int, int] | None:
         """A free block of at least ``nbytes`` (``(start, end)``), or None when none is free."""
         nbytes = max(_ALIGN, -(-nbytes // 64) * 64)
-        start = 0
-        for i, (s, e) in enumerate(self._live):
-            if s - start >= nbytes:
-                block = (start, start + nbytes)
-                self._live.insert(i, block)
-                return block
-            start = e
-        if self.size - start < nbytes:
-            return None
-        block = (start, start + nbytes)
-        self._live.append(block)
-        return block
+        with self._lock:
+            start = 0
+            for i, (s, e) in enumerate(self._live):
+                if s - start >= nbytes:
+                    block = (start, start + nbytes)
+                    self._live.insert(i, block)
+                    return block
+                start = e
+            if self.size - start < nbytes:
+                return None
+            block = (start, start + nbytes)
+            self._live.append(block)
+            return block
 
     def free(self, block: tuple[int, int]) -> None:
-        self._live.remove(block)
+        with self._lock:
+            self._live.remove(block)
 
-    def write(self, arrays: Sequence[np.ndarray]) -> tuple[tuple[int, int], list[int]] | None:
-        """Copy ``arrays`` into one block (each 8-byte aligned); the block and the arrays'
-        offsets in it, or None when it does not fit now."""
-        sizes = [a.nbytes for a in arrays]
+    @property
+    def live_blocks(self) -> int:
+        return len(self._live)
+
+    def place(self, sizes: Sequence[int]) -> tuple[tuple[int, int], list[int]] | None:
+        """One block for arrays of ``sizes`` bytes (each 8-byte aligned): the block and each
+        array's offset in it, or None when it does not fit now."""
         offsets, pos = [], 0
         for n in sizes:
             offsets.append(pos)
             pos += n + (-n % _ALIGN)
         block = self.alloc(pos)
-        if block is None:
+        return None if block is None else (block, offsets)
+
+    def array(self, block: tuple[int, int], offset: int, dtype: str, count: int) -> np.ndarray:
+        """A writable view of ``count`` items of ``dtype`` at ``offset`` in ``block``."""
+        return np.frombuffer(self._map, dtype, count, block[0] + offset)
+
+    def write(self, arrays: Sequence[np.ndarray]) -> tuple[tuple[int, int], list[int]] | None:
+        """Copy ``arrays`` into one block (each 8-byte aligned); the block and the arrays'
+        offsets in it, or None when it does not fit now."""
+        placed = self.place([a.nbytes for a in arrays])
+        if placed is None:
             return None
-        base = block[0]
+        block, offsets = placed
         for a, off in zip(arrays, offsets, strict=True):
-            dst = np.frombuffer(self._map, np.uint8, a.nbytes, base + off)
+            dst = self.array(block, off, "u1", a.nbytes)
             dst[:] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
         return block, offsets
 

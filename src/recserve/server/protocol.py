@@ -31,7 +31,7 @@ relations between tensors, ending in :func:`~recserve.types.validate_batch`. Eve
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +41,11 @@ import torch
 from recserve.config import ModelConfig
 from recserve.server.errors import InvalidArgument
 from recserve.types import Batch, KeyedJagged, validate_batch
+
+Staging = Callable[[int, int, int, int], "tuple[np.ndarray, np.ndarray, np.ndarray] | None"]
+"""Where a decoded batch's arrays go: ``staging(b, num_dense, n_values, n_offsets)`` gives the
+dense features (``float32 [b, num_dense]``), values and offsets (``int64``) to write them into,
+or None for arrays of the decoder's own (a front end decodes into its shared-memory arena)."""
 
 DENSE = "dense"
 OUTPUT = "scores"
@@ -255,12 +260,15 @@ class ModelSignature:
         datatypes: Sequence[Any],
         shapes: Sequence[Any],
         buffers: Sequence[bytes | memoryview],
+        out: Staging | None = None,
     ) -> Batch | None:
         """The validated batch of a request in the common layout (every tensor raw bytes,
         dense plus each feature's values and offsets, in any order), with a handful of numpy
         calls for all features together; None when the request is in any other form or
         anything about it is off, for :meth:`to_batch` to decode it tensor by tensor and name
-        the problem. Validation errors of a well-formed batch raise as in :meth:`to_batch`."""
+        the problem. Validation errors of a well-formed batch raise as in :meth:`to_batch`.
+        With ``out``, the arrays are written where it says (one copy of each from the
+        request's bytes)."""
         f, nd = len(self.keys), self.config.num_dense
         if len(names) != 2 * f + (1 if nd else 0):
             return None
@@ -299,20 +307,29 @@ class ModelSignature:
                 return None
             counts[k] = vshape[0]
         joined = bytearray().join
-        values = np.frombuffer(joined([s[1] for s in slots[1 : 1 + f]]), dtype="<i8")
         per_key = np.frombuffer(joined([s[1] for s in slots[1 + f :]]), dtype="<i8")
         per_key = per_key.reshape(f, b + 1)
         if (per_key[:, 0] != 0).any() or (per_key[:, -1] != counts).any():
             return None
+        total = int(counts.sum())
+        staged = out(b, nd, total, f * b + 1) if out is not None else None
+        if staged is None:
+            values = np.frombuffer(joined([s[1] for s in slots[1 : 1 + f]]), dtype="<i8")
+            offsets = np.empty(f * b + 1, dtype=np.int64)
+        else:
+            dense_out, values, offsets = staged
+            np.concatenate([np.frombuffer(s[1], "<i8") for s in slots[1 : 1 + f]], out=values)
         bases = np.cumsum(counts) - counts
-        offsets = np.empty(f * b + 1, dtype=np.int64)
         offsets[0] = 0
         np.add(per_key[:, 1:], bases[:, None], out=offsets[1:].reshape(f, b))
         if nd:
-            flat = np.frombuffer(dense_buf, "<f4")
-            if not flat.flags.writeable:  # bytes (gRPC): torch wants memory it may write
+            flat = np.frombuffer(dense_buf, "<f4").reshape(b, nd)
+            if staged is not None:
+                np.copyto(dense_out, flat)
+                flat = dense_out
+            elif not flat.flags.writeable:  # bytes (gRPC): torch wants memory it may write
                 flat = flat.copy()
-            dense = torch.from_numpy(flat.reshape(b, nd))  # HTTP: a view of the body
+            dense = torch.from_numpy(flat)  # HTTP without staging: a view of the body
         else:
             dense = torch.zeros((b, 0), dtype=torch.float32)
         return self._validated(dense, values, offsets, b)
