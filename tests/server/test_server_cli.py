@@ -15,8 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from rich.console import Console
 from server_helpers import query, reference
 
+from recserve.cli.bench_server import print_report
 from recserve.models import RecModel
 from recserve.server.bench import SOAK_HEADROOM_S, BenchOptions, run_bench
 from recserve.server.client import GRPCClient, HTTPClient, InferError
@@ -124,6 +126,24 @@ def test_bench_server_writes_summary_first(tmp_path: Path, engine: str) -> None:
     for proto in ("inprocess", "http", "grpc"):  # each side's best level is its saturation QPS
         best = max(lv[proto]["qps"] for lv in saturation["levels"])
         assert saturation[proto]["qps"] == best > 0 and saturation[proto]["errors"] == 0
+    # CPU by process role (process names): the server's tree is found and nothing else
+    server_roles = {"server", "frontends", "clients"} | (
+        {"engine", "cpu_workers"} if engine == "rec" else set()
+    )
+    for level in saturation["levels"]:
+        cpu = level["http"]["cpu"]
+        assert set(cpu) == server_roles, cpu
+        assert cpu["frontends"]["processes"] == 1 and cpu["server"]["processes"] == 1
+        assert cpu["frontends"]["us_per_query"] > 0 and cpu["clients"]["us_per_query"] > 0
+        in_process = level["inprocess"]["cpu"]
+        assert "callers_and_engine" in in_process and "frontends" not in in_process
+        if engine == "rec":
+            assert in_process["cpu_workers"]["processes"] >= 1
+    console = Console(record=True, width=200)
+    print_report(data, console)
+    text = console.export_text()
+    for words in ("p50 latency", "closed-loop QPS", "CPU per query", "frontends", "soak:"):
+        assert words in text
 
 
 def test_the_in_process_side_of_bench_server_is_the_engine_itself() -> None:

@@ -13,6 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.table import Table
+
 from recserve.models.registry import PRESETS
 from recserve.server.bench import BenchOptions, run_bench
 
@@ -132,6 +135,60 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
 
 def run(args: argparse.Namespace) -> int:
     path, result = run_bench(options_from_args(args))
+    print_report(result)
     json.dump(result["summary"], sys.stdout, indent=2)
     print(f"\nwrote {path}")
     return 0
+
+
+SIDES = ("inprocess", "http", "grpc")
+ROLES = ("clients", "server", "frontends", "callers_and_engine", "engine", "gpu_runner",
+         "cpu_workers")  # fmt: skip
+
+
+def print_report(result: dict[str, Any], console: Console | None = None) -> None:
+    """The run at a glance: latency per model, QPS per caller level, CPU per query by process
+    role at each side's best level, and the soak."""
+    console = console or Console()
+    latency = Table(title="p50 latency (ms) of one query at a time")
+    for col in ("model", "in-process", "HTTP", "gRPC", "HTTP overhead", "gRPC overhead"):
+        latency.add_column(col, justify="left" if col == "model" else "right")
+    for model, r in result["latency"].items():
+        cells = [f"{r[p]['p50_ms']:.2f}" for p in SIDES]
+        cells += [f"{r[p]['overhead_ms']:+.2f} ({r[p]['overhead_frac']:+.0%})" for p in SIDES[1:]]
+        latency.add_row(model, *cells)
+    console.print(latency)
+    sat = result["saturation"]
+    qps = Table(title=f"{sat['model']}: closed-loop QPS by concurrent callers")
+    for col in ("callers", "in-process", "HTTP", "gRPC"):
+        qps.add_column(col, justify="right")
+    for level in sat["levels"]:
+        qps.add_row(str(level["callers"]), *[f"{level[p]['qps']:.0f}" for p in SIDES])
+    ratios = " / ".join(f"{sat[p]['vs_inprocess']:.2f}" for p in SIDES[1:])
+    qps.caption = f"server / in-process at each side's best level: {ratios} (HTTP / gRPC)"
+    console.print(qps)
+    best_cpu = {
+        p: next(lv for lv in sat["levels"] if lv["callers"] == sat[p]["callers"])[p].get("cpu", {})
+        for p in SIDES
+    }
+    cpu = Table(title="CPU per query (µs) and cores busy, by process role, at each best level")
+    cpu.add_column("role")
+    for label in ("in-process", "HTTP", "gRPC"):
+        cpu.add_column(f"{label} µs", justify="right")
+        cpu.add_column("cores", justify="right")
+    for role in ROLES:
+        if not any(role in best_cpu[p] for p in SIDES):
+            continue  # not in this run (or a file from before CPU was recorded)
+        cells = []
+        for p in SIDES:
+            r = best_cpu[p].get(role)
+            cells += ["", ""] if r is None else [f"{r['us_per_query']:.0f}", f"{r['busy']:.2f}"]
+        cpu.add_row(role.replace("_", " "), *cells)
+    if cpu.row_count:
+        console.print(cpu)
+    soak = result["soak"]
+    console.print(
+        f"soak: {soak['seconds']:.0f} s at {soak['achieved_qps']:.0f} of "
+        f"{soak['target_qps']:.0f} QPS, {soak['failures']} failures, memory "
+        f"{soak['rss_growth_frac']:+.2%} after warm-up"
+    )

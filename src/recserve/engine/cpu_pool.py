@@ -36,6 +36,7 @@ from recserve.engine.shared import (
     load_shared_model,
     process_memory,
 )
+from recserve.procname import set_process_name
 
 
 class WorkerDied(RuntimeError):
@@ -247,6 +248,7 @@ def _worker_main(
 ) -> None:
     """A worker's whole life: map the weights and the arena, then answer messages until told
     to stop (``None``) or the parent goes away."""
+    set_process_name(f"recserve-cpu{index}")
     try:
         torch.set_num_threads(threads)
         model = load_shared_model(model_path)

@@ -38,6 +38,7 @@ from recserve.engine.batching import HostBuffers, concat_batches
 from recserve.engine.gpu_runner import split_output
 from recserve.engine.request import Completion, Query
 from recserve.engine.shared import ArenaSpec, StagingArena, load_shared_model, wait_for_child
+from recserve.procname import set_process_name
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +266,7 @@ def _register(arena: StagingArena) -> bool:
 def _runner_main(spec: RunnerSpec, conn: Connection) -> None:
     """The runner's whole life: build the model, then run batches until told to stop (``None``)
     or the engine goes away."""
+    set_process_name("recserve-gpu")
     try:
         torch.set_num_threads(1)
         device = torch.device(spec.device)

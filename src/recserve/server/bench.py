@@ -45,6 +45,7 @@ from recserve.engine.engine import RecEngine
 from recserve.engine.interface import InferenceEngine
 from recserve.loadgen.synthetic import QueryFactory
 from recserve.models import build_model, load_model, save_model
+from recserve.procname import process_name
 from recserve.runtime import resolve_device
 from recserve.server.client import GRPCClient, HTTPClient, InferError
 from recserve.server.local_engine import LocalEngine
@@ -209,6 +210,7 @@ def closed_loop_processes(
         "seconds": seconds,
         "threads": callers,
         "client_processes": processes,
+        "client_cpu_s": [r[2] for r in results],
     }
 
 
@@ -230,6 +232,7 @@ def _client_process(
     start, seconds = conn.recv()
     stop = start + seconds
     counts = [[0, 0] for _ in clients]
+    cpu_start = time.process_time()
 
     def loop(k: int) -> None:
         client, i = clients[k], first + k
@@ -249,7 +252,8 @@ def _client_process(
         w.start()
     for w in workers:
         w.join()
-    conn.send((sum(c[0] for c in counts), sum(c[1] for c in counts)))
+    cpu_s = time.process_time() - cpu_start
+    conn.send((sum(c[0] for c in counts), sum(c[1] for c in counts), cpu_s))
 
 
 def resolve_frontends(frontends: int | None) -> int:
@@ -275,6 +279,63 @@ def _children(pid: int) -> list[int]:
         except OSError:
             continue
     return out
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process ``pid`` (all its threads); 0 when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+ROLE_OF_NAME = {"recserve-fe": "frontends", "recserve-engine": "engine",
+                "recserve-gpu": "gpu_runner", "recserve-cpu": "cpu_workers"}  # fmt: skip
+"""Process-name prefixes (:mod:`recserve.procname`) and the role each is reported under."""
+
+
+def cpu_by_process(root: int, skip: int | None = None) -> dict[int, tuple[str, float]]:
+    """``pid -> (role, CPU seconds)`` for ``root`` (role ``root``) and every recserve process
+    below it (front ends, engine processes, GPU runners, CPU workers), not below ``skip``."""
+    out = {root: ("root", _cpu_seconds(root))}
+    stack = list(_children(root))
+    while stack:
+        pid = stack.pop()
+        if pid == skip:
+            continue
+        stack += _children(pid)
+        name = process_name(pid)
+        role = next((r for prefix, r in ROLE_OF_NAME.items() if name.startswith(prefix)), None)
+        if role is not None:
+            out[pid] = (role, _cpu_seconds(pid))
+    return out
+
+
+def cpu_roles(
+    before: dict[int, tuple[str, float]],
+    after: dict[int, tuple[str, float]],
+    seconds: float,
+    queries: int,
+) -> dict[str, dict[str, float]]:
+    """Per role between two :func:`cpu_by_process` readings: CPU seconds, cores busy on
+    average (``busy``), the busiest single process's share of a core (``busiest``), and CPU
+    microseconds per answered query."""
+    roles: dict[str, list[float]] = {}
+    for pid, (role, cpu) in after.items():
+        roles.setdefault(role, []).append(cpu - before.get(pid, (role, 0.0))[1])
+    return {role: role_cpu(parts, seconds, queries) for role, parts in roles.items()}
+
+
+def role_cpu(parts: list[float], seconds: float, queries: int) -> dict[str, float]:
+    """One role's CPU from its processes' CPU seconds over ``seconds`` and ``queries``."""
+    return {
+        "cpu_s": sum(parts),
+        "processes": len(parts),
+        "busy": sum(parts) / seconds,
+        "busiest": max(parts, default=0.0) / seconds,
+        "us_per_query": sum(parts) / max(queries, 1) * 1e6,
+    }
 
 
 def inflight_batches(opts: BenchOptions) -> int:
@@ -573,21 +634,33 @@ def measure_saturation(engine: InferenceEngine, server: ServerProcess, name: str
     levels: list[dict[str, Any]] = []
     for callers in opts.saturation_levels:
         runs: dict[str, list[dict[str, Any]]] = {p: [] for p in ("inprocess", "http", "grpc")}
+        cpu: dict[str, list[dict[str, dict[str, float]]]] = {p: [] for p in runs}
         for _ in range(rounds):
-            runs["inprocess"].append(
-                closed_loop(lambda: lambda b: engine.submit(b).result(), queries, callers,
-                            seconds)
-            )  # fmt: skip
+            here = os.getpid()
+            before = cpu_by_process(here, skip=server.proc.pid)
+            run = closed_loop(lambda: lambda b: engine.submit(b).result(), queries, callers,
+                              seconds)  # fmt: skip
+            roles = cpu_roles(before, cpu_by_process(here, skip=server.proc.pid),
+                              run["seconds"], run["queries"])  # fmt: skip
+            roles["callers_and_engine"] = roles.pop("root")  # this process: callers' threads too
+            runs["inprocess"].append(run)
+            cpu["inprocess"].append(roles)
             for proto, url in urls.items():  # clients in processes: the load is not GIL-bound
-                runs[proto].append(
-                    closed_loop_processes(proto, url, name, config, queries, callers, seconds)
-                )
+                before = cpu_by_process(server.proc.pid)
+                run = closed_loop_processes(proto, url, name, config, queries, callers, seconds)
+                roles = cpu_roles(before, cpu_by_process(server.proc.pid), run["seconds"],
+                                  run["queries"])  # fmt: skip
+                roles["server"] = roles.pop("root")
+                roles["clients"] = role_cpu(run["client_cpu_s"], run["seconds"], run["queries"])
+                runs[proto].append(run)
+                cpu[proto].append(roles)
         level: dict[str, Any] = {"callers": callers}
         for proto, parts in runs.items():
             elapsed = sum(p["seconds"] for p in parts)
             done = sum(p["queries"] for p in parts)
             level[proto] = {"qps": done / elapsed, "queries": done, "seconds": elapsed,
-                            "errors": sum(p["errors"] for p in parts)}  # fmt: skip
+                            "errors": sum(p["errors"] for p in parts),
+                            "cpu": _merge_cpu(cpu[proto], elapsed, done)}  # fmt: skip
         levels.append(level)
     result: dict[str, Any] = {"model": name, "levels": levels}
     for proto in ("inprocess", "http", "grpc"):
@@ -596,6 +669,22 @@ def measure_saturation(engine: InferenceEngine, server: ServerProcess, name: str
     for proto in ("http", "grpc"):
         result[proto]["vs_inprocess"] = result[proto]["qps"] / result["inprocess"]["qps"]
     return result
+
+
+def _merge_cpu(
+    parts: list[dict[str, dict[str, float]]], seconds: float, queries: int
+) -> dict[str, dict[str, float]]:
+    """Rounds' :func:`cpu_roles` joined into one over their total time and queries."""
+    out: dict[str, dict[str, float]] = {}
+    for part in parts:
+        for role, r in part.items():
+            o = out.setdefault(role, {"cpu_s": 0.0, "processes": r["processes"], "busiest": 0.0})
+            o["cpu_s"] += r["cpu_s"]
+            o["busiest"] = max(o["busiest"], r["busiest"])
+    for o in out.values():
+        o["busy"] = o["cpu_s"] / seconds
+        o["us_per_query"] = o["cpu_s"] / max(queries, 1) * 1e6
+    return out
 
 
 def summarize(

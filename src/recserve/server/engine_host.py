@@ -55,6 +55,7 @@ from recserve.engine.shared import (
     unlink_shared_model,
     wait_for_child,
 )
+from recserve.procname import set_process_name
 from recserve.server import ipc
 from recserve.server.errors import (
     InvalidArgument,
@@ -283,6 +284,7 @@ def _jsonable(stats: dict[str, Any]) -> dict[str, Any]:
 
 def _host_main(spec: HostSpec, conn: Connection) -> None:
     """Entry point of the engine process (``multiprocessing`` spawn)."""
+    set_process_name("recserve-engine")
     from recserve.engine.engine import RecEngine
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the server decides

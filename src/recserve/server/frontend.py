@@ -46,6 +46,7 @@ import torch
 
 from recserve.config import ModelConfig
 from recserve.polling import PollingSelector
+from recserve.procname import set_process_name
 from recserve.server import ipc
 from recserve.server.batching import Result
 from recserve.server.engine_host import batch_from_frame, infer_meta
@@ -739,6 +740,7 @@ class FrontendCore:
 
 def frontend_main(spec: FrontendSpec) -> None:
     """Entry point of a front-end process (``multiprocessing`` spawn)."""
+    set_process_name(f"recserve-fe{spec.index}")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the server decides
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(1)
