@@ -22,18 +22,18 @@ from typing import Any
 def select_readable(fds: Sequence[Any], timeout: float | None, spin_s: float) -> list[Any]:
     """``select.select(fds, [], [], timeout)[0]``, polling without sleeping for the first
     ``spin_s`` seconds (at most ``timeout``)."""
-    ready = select.select(fds, [], [], 0)[0]
-    if ready or timeout == 0:
+    if spin_s <= 0 or timeout == 0:
+        return select.select(fds, [], [], timeout)[0]
+    start = time.perf_counter()
+    spin = spin_s if timeout is None else min(spin_s, timeout)
+    while True:
+        ready = select.select(fds, [], [], 0)[0]
+        if ready or time.perf_counter() - start >= spin:
+            break
+    if ready:
         return ready
-    if spin_s > 0:
-        start = time.perf_counter()
-        spin = spin_s if timeout is None else min(spin_s, timeout)
-        while time.perf_counter() - start < spin:
-            ready = select.select(fds, [], [], 0)[0]
-            if ready:
-                return ready
-        if timeout is not None:
-            timeout = max(0.0, timeout - (time.perf_counter() - start))
+    if timeout is not None:
+        timeout = max(0.0, timeout - (time.perf_counter() - start))
     return select.select(fds, [], [], timeout)[0]
 
 
