@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
 import os
@@ -170,6 +171,57 @@ def test_arena_staging_gives_its_block_back_once_no_decode_writes_it(tmp_path) -
     writer.set_result(None)
     assert arena.live_blocks == 0
     del decoded
+    arena.close()
+
+
+def test_a_front_end_sends_the_staged_block_itself(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A request decoded into the arena goes to the engine as that block (no second copy
+    into the arena); one decoded without staging is copied in, and its block freed after."""
+    from recserve.models import get_config
+    from recserve.server.frontend import ArenaStaging, FrontendCore, RemoteModel
+    from recserve.server.http_codec import decode_infer_request
+    from recserve.server.protocol import ModelSignature
+
+    config = get_config("wnd", "tiny")
+    sig = ModelSignature(config, max_items=64)
+    arena = ipc.Arena(str(tmp_path / "arena"), 1 << 20)
+    core = FrontendCore(ServerSettings(), arena)
+    sent: list[dict[str, Any]] = []
+
+    class Engine:  # stands in for the engine process's connection
+        async def call(self, meta, arrays=(), stale=False):  # type: ignore[no-untyped-def]
+            sent.append(meta)
+            block, pos = meta["shm"], meta["arrays"]
+            b = meta["b"]
+            dense = ipc.array(arena.view(block), pos[0], "<f4", b * config.num_dense)
+            scores = dense.reshape(b, -1).sum(axis=1, keepdims=True).astype("<f4")
+            return {"shape": [b, 1], "arrays": [0], "queue_s": 0.0, "compute_s": 0.0}, bytearray(
+                scores.tobytes()
+            )
+
+    async def engine(address: str) -> Engine:
+        return Engine()
+
+    core._engine = engine  # type: ignore[assignment,method-assign]
+    served = RemoteModel("wnd", sig, generation=1, engine="engine.sock")
+    batch = query(config, 5)
+    expected = batch.dense.numpy().sum(axis=1, keepdims=True)
+
+    async def run() -> None:
+        staging = ArenaStaging(arena)
+        decoded = decode_infer_request(*http_body(batch, config), sig, staging)
+        assert staging.placed is not None
+        result = await core.infer(served, decoded.batch, staging)
+        assert sent[-1]["shm"] == staging.placed[0] and arena.live_blocks == 1
+        np.testing.assert_allclose(result.scores.numpy(), expected, rtol=1e-6)
+        staging.release()
+        decoded = decode_infer_request(*http_body(batch, config), sig)  # not staged
+        result = await core.infer(served, decoded.batch)
+        assert arena.live_blocks == 0 and len(sent) == 2  # copied in, then given back
+        np.testing.assert_allclose(result.scores.numpy(), expected, rtol=1e-6)
+
+    asyncio.run(run())
+    core.executor.shutdown()
     arena.close()
 
 
