@@ -20,6 +20,7 @@ import socket
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +43,8 @@ from recserve.server.client import GRPCClient, HTTPClient
 
 def server_means_ms(url: str) -> dict[str, float]:
     """Sums and counts of the server's duration histograms (all labels together)."""
-    client = HTTPClient(url)
-    try:
-        client._conn.request("GET", "/metrics")
-        text = client._conn.getresponse().read().decode()
-    finally:
-        client.close()
+    with urllib.request.urlopen(f"http://{url}/metrics", timeout=30) as response:
+        text = response.read().decode()
     out: dict[str, float] = {}
     for line in text.splitlines():
         for stage in ("request", "compute"):

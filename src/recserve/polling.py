@@ -16,25 +16,38 @@ import select
 import selectors
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def poll_then_wait(
+    wait: Callable[[float | None], list[T]],
+    timeout: float | None,
+    spin_s: float,
+    busy: Callable[[], bool] = lambda: True,
+) -> list[T]:
+    """``wait(timeout)``, but first ``wait(0)`` again and again, without sleeping, for up to
+    ``spin_s`` seconds (at most ``timeout``) while ``busy()``."""
+    if spin_s <= 0 or (timeout is not None and timeout <= 0) or not busy():
+        return wait(timeout)
+    start = time.perf_counter()
+    spin = spin_s if timeout is None else min(spin_s, timeout)
+    while True:
+        ready = wait(0)
+        if ready:
+            return ready
+        if time.perf_counter() - start >= spin or not busy():
+            break
+    if timeout is not None:
+        timeout = max(0.0, timeout - (time.perf_counter() - start))
+    return wait(timeout)
 
 
 def select_readable(fds: Sequence[Any], timeout: float | None, spin_s: float) -> list[Any]:
     """``select.select(fds, [], [], timeout)[0]``, polling without sleeping for the first
     ``spin_s`` seconds (at most ``timeout``)."""
-    if spin_s <= 0 or timeout == 0:
-        return select.select(fds, [], [], timeout)[0]
-    start = time.perf_counter()
-    spin = spin_s if timeout is None else min(spin_s, timeout)
-    while True:
-        ready = select.select(fds, [], [], 0)[0]
-        if ready or time.perf_counter() - start >= spin:
-            break
-    if ready:
-        return ready
-    if timeout is not None:
-        timeout = max(0.0, timeout - (time.perf_counter() - start))
-    return select.select(fds, [], [], timeout)[0]
+    return poll_then_wait(lambda t: select.select(fds, [], [], t)[0], timeout, spin_s)
 
 
 class PollingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
@@ -48,16 +61,4 @@ class PollingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-typ
         self.busy = busy
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        if self.spin_s <= 0 or (timeout is not None and timeout <= 0) or not self.busy():
-            return super().select(timeout)
-        start = time.perf_counter()
-        spin = self.spin_s if timeout is None else min(self.spin_s, timeout)
-        while True:
-            ready = super().select(0)
-            if ready:
-                return ready
-            if time.perf_counter() - start >= spin or not self.busy():
-                break
-        if timeout is not None:
-            timeout = max(0.0, timeout - (time.perf_counter() - start))
-        return super().select(timeout)
+        return poll_then_wait(super().select, timeout, self.spin_s, self.busy)

@@ -16,7 +16,7 @@ from server_helpers import query, reference, wait_until
 from recserve.models import build_model
 from recserve.server import InvalidArgument, ServerSettings, ServerThread, ipc
 from recserve.server.client import GRPCClient, HTTPClient, batch_tensors
-from recserve.server.frontend import batch_from_frame
+from recserve.server.engine_host import batch_from_frame
 
 
 @pytest.mark.parametrize(
@@ -128,7 +128,7 @@ def test_arena_staging_gives_its_block_back_once_no_decode_writes_it(tmp_path) -
     (answered, or its validation failed after staging), the block is free; while a decode still
     writes on a worker thread (its request cancelled), the block waits for it."""
     from recserve.models import get_config
-    from recserve.server.frontend import ArenaStaging
+    from recserve.server.frontend_process import ArenaStaging
     from recserve.server.http_codec import decode_infer_request
     from recserve.server.protocol import ModelSignature
 
@@ -178,7 +178,7 @@ def test_a_front_end_sends_the_staged_block_itself(tmp_path) -> None:  # type: i
     """A request decoded into the arena goes to the engine as that block (no second copy
     into the arena); one decoded without staging is copied in, and its block freed after."""
     from recserve.models import get_config
-    from recserve.server.frontend import ArenaStaging, FrontendCore, RemoteModel
+    from recserve.server.frontend_process import ArenaStaging, FrontendCore, RemoteModel
     from recserve.server.http_codec import decode_infer_request
     from recserve.server.protocol import ModelSignature
 

@@ -61,21 +61,7 @@ def test_overload_refuses_at_once_and_loses_nothing(protocol: str, frontends: in
         inner = server.server.core.repository.models["slow"].engine.model.inner  # type: ignore[attr-defined]
         batches = [query(inner.config, 2, seed=i) for i in range(40)]
         expected = [reference(inner, b) for b in batches]
-        local = threading.local()
-
-        def call(i: int) -> str:
-            if not hasattr(local, "client"):
-                url = server.http_url if protocol == "http" else server.grpc_url
-                local.client = HTTPClient(url) if protocol == "http" else GRPCClient(url)
-            try:
-                scores = local.client.infer("slow", inner.config, batches[i])
-            except InferError as e:
-                return str(e.status)
-            np.testing.assert_allclose(scores, expected[i], rtol=1e-6)
-            return "ok"
-
-        with ThreadPoolExecutor(16) as pool:
-            outcomes = Counter(pool.map(call, range(40)))
+        outcomes = Counter(concurrent_calls(server, protocol, "slow", inner, batches, expected))
         refused = "429" if protocol == "http" else "RESOURCE_EXHAUSTED"
         assert set(outcomes) == {"ok", refused}, outcomes
         assert outcomes["ok"] >= 4
@@ -84,6 +70,35 @@ def test_overload_refuses_at_once_and_loses_nothing(protocol: str, frontends: in
         wait_until(lambda: metric(server, failures) == outcomes[refused])
         assert metric(server, 'recserve_items_total{model="slow"}') == 2 * outcomes["ok"]
         assert metric(server, 'recserve_queue_depth{model="slow"}') == 0
+
+
+def concurrent_calls(
+    server: ServerThread,
+    protocol: str,
+    name: str,
+    model: Any,
+    batches: list[Batch],
+    expected: list[np.ndarray],
+    rtol: float = 1e-6,
+    atol: float = 0.0,
+) -> list[str]:
+    """Every batch from 16 threads at once (a client per thread): ``ok`` where the scores are
+    the expected ones, else the refusal's status."""
+    local = threading.local()
+
+    def call(i: int) -> str:
+        if not hasattr(local, "client"):
+            url = server.http_url if protocol == "http" else server.grpc_url
+            local.client = HTTPClient(url) if protocol == "http" else GRPCClient(url)
+        try:
+            scores = local.client.infer(name, model.config, batches[i])
+        except InferError as e:
+            return str(e.status)
+        np.testing.assert_allclose(scores, expected[i], rtol=rtol, atol=atol)
+        return "ok"
+
+    with ThreadPoolExecutor(16) as pool:
+        return list(pool.map(call, range(len(batches))))
 
 
 def test_http_overload_says_when_to_retry() -> None:
@@ -294,24 +309,13 @@ def test_rec_engine_process_refuses_overload_and_loses_nothing(protocol: str) ->
     serving = ServingConfig(engine_queue=1, max_queue_requests=1, max_inflight_batches=1)
     settings = ServerSettings(http_port=0, grpc_port=0, frontends=1, serving=serving)
     batches = [query(model.config, 1 + i % 7, seed=i) for i in range(48)]
-    local = threading.local()
+    expected = [reference(model, b) for b in batches]
     with ServerThread(settings, rec_engine_factory, models={"wnd": model}) as server:
-
-        def call(i: int) -> str:
-            if not hasattr(local, "client"):
-                url = server.http_url if protocol == "http" else server.grpc_url
-                local.client = HTTPClient(url) if protocol == "http" else GRPCClient(url)
-            try:
-                scores = local.client.infer("wnd", model.config, batches[i])
-            except InferError as e:
-                return str(e.status)
-            np.testing.assert_allclose(scores, reference(model, batches[i]), rtol=1e-5, atol=1e-6)
-            return f"ok{i}"
-
-        with ThreadPoolExecutor(16) as pool:
-            outcomes = list(pool.map(call, range(len(batches))))
+        outcomes = concurrent_calls(
+            server, protocol, "wnd", model, batches, expected, rtol=1e-5, atol=1e-6
+        )
         refused = "429" if protocol == "http" else "RESOURCE_EXHAUSTED"
-        ok = [int(o[2:]) for o in outcomes if o.startswith("ok")]
+        ok = [i for i, o in enumerate(outcomes) if o == "ok"]
         assert len(ok) + outcomes.count(refused) == len(batches), Counter(outcomes)
         assert ok and outcomes.count(refused), Counter(outcomes)
         failures = f'recserve_request_failures_total{{model="wnd",protocol="{protocol}",reason="overloaded"}}'

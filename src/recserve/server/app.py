@@ -18,7 +18,8 @@ import torch
 from aiohttp import web
 
 from recserve.server.core import ServerCore
-from recserve.server.frontend import FrontendHub, format_address, listen
+from recserve.server.frontend import FrontendHub, listen
+from recserve.server.frontend_process import format_address
 from recserve.server.grpc_service import build_server
 from recserve.server.http_service import build_app
 from recserve.server.repository import EngineFactory, local_engine_factory

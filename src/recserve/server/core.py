@@ -67,7 +67,7 @@ class ServerCore:
 
     def staging(self) -> None:
         """Where a request is decoded into: arrays of its own here (see
-        :meth:`~recserve.server.frontend.FrontendCore.staging`)."""
+        :meth:`~recserve.server.frontend_process.FrontendCore.staging`)."""
         return None
 
     async def infer(self, served: ServedModel, batch: Batch, staging: Any = None) -> Result:

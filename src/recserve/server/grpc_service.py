@@ -39,7 +39,7 @@ from recserve.server.repository import VERSION
 from recserve.types import Batch
 
 if TYPE_CHECKING:
-    from recserve.server.frontend import FrontendCore
+    from recserve.server.frontend_process import FrontendCore
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")

@@ -42,7 +42,7 @@ from recserve.server.metrics import CONTENT_TYPE
 from recserve.server.repository import VERSION, ServedModel
 
 if TYPE_CHECKING:
-    from recserve.server.frontend import FrontendCore
+    from recserve.server.frontend_process import FrontendCore
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class _Handlers:
 
     async def infer(self, request: web.Request) -> web.Response:
         """KServe v2 infer; ``core`` is the server's :class:`ServerCore`, or a front-end
-        process's :class:`~recserve.server.frontend.FrontendCore`."""
+        process's :class:`~recserve.server.frontend_process.FrontendCore`."""
         start = time.perf_counter()
         core = self.core
         info = request.match_info
