@@ -9,6 +9,8 @@
    queries joined up to 512 and 2048 items, at 4 and 16 outstanding queries; with the engine's
    own counts of batches and queries (how much it actually joined).
 
+Both for each ``--stage-threads`` setting (threads that copy queries into the runner's slot).
+
     PYTHONPATH=src python benchmarks/probe_gpu_coalescing.py --models dlrm-rmc1 wnd
 
 Writes ``<out>/<device>/probe_gpu_coalescing.json`` (``summary`` first).
@@ -26,7 +28,7 @@ import torch
 
 from recserve.bench.common import write_result
 from recserve.engine import EngineConfig, RecEngine
-from recserve.engine.batching import HostBuffers, concat_batches
+from recserve.engine.batching import Copier, HostBuffers, concat_batches
 from recserve.engine.config import SchedConfig
 from recserve.engine.deeprecsched import saturation_qps
 from recserve.engine.engine import default_ids_per_item
@@ -44,8 +46,11 @@ SCHEDULES = {
 }
 
 
-def pipeline_per_q(model: Any, pool: QueryPool, device: torch.device, reps: int) -> list[dict]:
-    """Join Q queries into pinned buffers and run the runner's pipeline on them."""
+def pipeline_per_q(
+    model: Any, pool: QueryPool, device: torch.device, reps: int, stage_threads: int
+) -> list[dict]:
+    """Join Q queries into pinned buffers (with ``stage_threads`` copying) and run the
+    runner's pipeline on them."""
     ids = default_ids_per_item(model.config)
     _, pipeline = runner_model(model, device, "triton", runner_buckets(2048), ids)
     assert pipeline is not None
@@ -54,6 +59,7 @@ def pipeline_per_q(model: Any, pool: QueryPool, device: torch.device, reps: int)
         2048 * 8, 2048 * 8 * ids, len(keys), model.config.num_dense, pin=True
     )
     rng = np.random.default_rng(0)
+    copier = Copier(stage_threads)
     rows = []
     for q in (1, 2, 4, 8):
         join_s, launch_s, total_s, items = [], [], [], []
@@ -61,7 +67,7 @@ def pipeline_per_q(model: Any, pool: QueryPool, device: torch.device, reps: int)
             picks = [pool.batches[i] for i in rng.integers(0, len(pool), q)]
             torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-            batch = concat_batches(picks, keys, bufs)
+            batch = concat_batches(picks, keys, bufs, copier)
             t1 = time.perf_counter()
             out = pipeline(batch)
             t2 = time.perf_counter()
@@ -75,6 +81,7 @@ def pipeline_per_q(model: Any, pool: QueryPool, device: torch.device, reps: int)
         med = float(np.median(total_s))
         rows.append(
             {
+                "stage_threads": stage_threads,
                 "queries": q,
                 "items_mean": float(np.mean(items)),
                 "join_ms": 1e3 * float(np.median(join_s)),
@@ -84,11 +91,14 @@ def pipeline_per_q(model: Any, pool: QueryPool, device: torch.device, reps: int)
             }
         )
         print(f"  pipeline Q={q}: {rows[-1]}", flush=True)
+    copier.close()
     return rows
 
 
-def engine_rows(model: Any, pool: QueryPool, seconds: float) -> list[dict]:
-    config = EngineConfig(cpu_workers=0, device="cuda", queue_capacity=512)
+def engine_rows(model: Any, pool: QueryPool, seconds: float, stage_threads: int) -> list[dict]:
+    config = EngineConfig(
+        cpu_workers=0, device="cuda", queue_capacity=512, stage_threads=stage_threads
+    )
     rows = []
     with RecEngine(model, config) as engine:
         for name, sched in SCHEDULES.items():
@@ -101,6 +111,7 @@ def engine_rows(model: Any, pool: QueryPool, seconds: float) -> list[dict]:
                 items = after["gpu_items"] - before["gpu_items"]
                 rows.append(
                     {
+                        "stage_threads": stage_threads,
                         "schedule": name,
                         "outstanding": outstanding,
                         "qps": qps,
@@ -119,6 +130,9 @@ def main() -> None:
     parser.add_argument("--ids", default="zipf:1.05")
     parser.add_argument("--reps", type=int, default=40)
     parser.add_argument("--seconds", type=float, default=1.0)
+    parser.add_argument(
+        "--stage-threads", type=int, nargs="+", default=[1, 4], help="EngineConfig.stage_threads"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -131,19 +145,28 @@ def main() -> None:
         model = build_model(name, args.preset, seed=0)
         factory = QueryFactory(model.config, args.ids, seed=0)
         pool = QueryPool(factory, QuerySizes.parse("production"), seed=0)
-        pipe = pipeline_per_q(model, pool, device, args.reps)
-        eng = engine_rows(model, pool, args.seconds)
+        pipe, eng = [], []
+        for threads in args.stage_threads:
+            pipe += pipeline_per_q(model, pool, device, args.reps, threads)
+        for threads in args.stage_threads:
+            eng += engine_rows(model, pool, args.seconds, threads)
         models[name] = {"pipeline": pipe, "engine": eng}
 
-        def best(label: str, rows: list[dict] = eng) -> float:
-            return max(r["qps"] for r in rows if r["schedule"] == label)
+        def best(label: str, threads: int, rows: list[dict] = eng) -> float:
+            return max(
+                r["qps"] for r in rows if r["schedule"] == label and r["stage_threads"] == threads
+            )
 
         summary[name] = {
-            "pipeline_per_query_ms_q1": pipe[0]["per_query_ms"],
-            "pipeline_per_query_ms_q8": pipe[-1]["per_query_ms"],
-            "engine_qps_alone": best("alone"),
-            "engine_qps_join_2048": best("join-2048"),
-            "engine_qps_join_512": best("join-512"),
+            f"stage_threads_{t}": {
+                "engine_qps_alone": best("alone", t),
+                "engine_qps_join_512": best("join-512", t),
+                "engine_qps_join_2048": best("join-2048", t),
+                "join_ms_q4": next(
+                    r["join_ms"] for r in pipe if r["stage_threads"] == t and r["queries"] == 4
+                ),
+            }
+            for t in args.stage_threads
         }
         print(f"  summary {summary[name]}", flush=True)
         del model, pool

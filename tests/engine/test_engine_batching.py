@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from recserve.engine.batching import HostBuffers, concat_batches
+from recserve.engine.batching import Copier, HostBuffers, concat_batches
 from recserve.loadgen.synthetic import QueryFactory
 from recserve.models.registry import build_model
 from recserve.types import validate_batch
 
 
 @pytest.mark.parametrize("name", ["dlrm-rmc1", "din", "mt-wnd"])
-@pytest.mark.parametrize("buffers", [False, True])
+@pytest.mark.parametrize("buffers", [False, True, "copier"])
 @pytest.mark.parametrize("sizes", [(3, 1, 17, 8), (17,)], ids=["four", "one"])
 def test_coalesced_batch_answers_like_its_queries(
-    name: str, buffers: bool, sizes: tuple[int, ...]
+    name: str, buffers: bool | str, sizes: tuple[int, ...]
 ) -> None:
     model = build_model(name, preset="tiny", seed=1)
     factory = QueryFactory(model.config, "zipf:1.05", seed=2, jitter=True)
@@ -25,7 +26,11 @@ def test_coalesced_batch_answers_like_its_queries(
     if buffers:
         n_ids = sum(b.sparse.values.numel() for b in batches)
         out = HostBuffers.allocate(40, n_ids + 5, len(keys), model.config.num_dense)
-    merged = concat_batches(batches, keys, out)
+    # min_bytes 0: even these few kilobytes go through the copier's threads, cut in pieces
+    copier = Copier(3, min_bytes=0) if buffers == "copier" else None
+    merged = concat_batches(batches, keys, out, copier)
+    if copier is not None:
+        copier.close()
     validate_batch(merged, model.config)
     assert merged.sparse.offset_per_key == merged.sparse.offsets[:: merged.batch_size].tolist()
     if out is not None:
@@ -55,3 +60,40 @@ def test_buffers_that_are_too_small_are_refused() -> None:
     out = HostBuffers.allocate(8, 1000, len(batch.sparse.keys), model.config.num_dense)
     with pytest.raises(ValueError, match="does not fit"):
         concat_batches([batch], batch.sparse.keys, out)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 5])
+def test_copier_copies_every_array_whole(threads: int) -> None:
+    rng = np.random.default_rng(threads)
+    sources = [rng.integers(0, 1 << 40, n) for n in (0, 1, 7, 1000, 4099, 33)]
+    sources.append(rng.standard_normal((40, 6)).astype(np.float32)[:, ::2])  # not contiguous
+    sources.append(rng.standard_normal((17, 3)).astype(np.float32))
+    targets = [np.zeros_like(s) for s in sources]
+    copier = Copier(threads, min_bytes=0)
+    try:
+        copier.copy(list(zip(targets, sources, strict=True)))
+    finally:
+        copier.close()
+    for dst, src in zip(targets, sources, strict=True):
+        np.testing.assert_array_equal(dst, src)
+
+
+def test_copier_spreads_bytes_evenly_and_keeps_order() -> None:
+    copier = Copier(4, min_bytes=0)
+    try:
+        sources = [np.arange(n, dtype=np.int64) for n in (1000, 10, 3000)]
+        targets = [np.empty_like(s) for s in sources]
+        pairs = list(zip(targets, sources, strict=True))
+        groups = copier._split(pairs, sum(s.nbytes for s in sources))
+    finally:
+        copier.close()
+    assert len(groups) == 4
+    sizes = [sum(src.nbytes for _, src in g) for g in groups]
+    assert max(sizes) - min(sizes) <= 8 * 4  # each group leaves less than one int64 over
+    flat = [src for g in groups for _, src in g]
+    np.testing.assert_array_equal(np.concatenate(flat), np.concatenate(sources))
+
+
+def test_copier_refuses_no_threads() -> None:
+    with pytest.raises(ValueError, match="threads"):
+        Copier(0)

@@ -83,6 +83,10 @@ class EngineConfig:
     gpu_max_inflight: int = 3
     """GPU batches in flight at once (staging slots of the runner): more than one lets a batch's
     copies and host work overlap another's compute; a third covers the reply's round trip."""
+    stage_threads: int = 4
+    """Threads that copy queued queries into the GPU runner's staging slot (a join of several
+    dlrm queries is tens of megabytes: one core copies about 5 GB/s); 1: the thread that
+    dispatches copies alone."""
     gpu_kernels: str = "triton"
     """The GPU runner's model: ``triton`` (tables in the table-batched Triton backend, the
     whole forward replayed as a CUDA graph per batch-size bucket) or ``torch`` (the model as
@@ -119,6 +123,8 @@ class EngineConfig:
             raise ValueError(f"gpu_runner must be process or thread, got {self.gpu_runner!r}")
         if self.gpu_max_inflight < 1:
             raise ValueError(f"gpu_max_inflight must be >= 1, got {self.gpu_max_inflight}")
+        if self.stage_threads < 1:
+            raise ValueError(f"stage_threads must be >= 1, got {self.stage_threads}")
         if self.busy_poll_us < 0:
             raise ValueError(f"busy_poll_us must be >= 0, got {self.busy_poll_us}")
         if self.gpu_kernels not in ("triton", "torch"):

@@ -169,6 +169,7 @@ class RecEngine:
                 config.gpu_max_inflight,
                 self._waker.wake,
                 pipeline,
+                stage_threads=config.stage_threads,
             )
         if not need_file:
             return
@@ -203,6 +204,7 @@ class RecEngine:
                         ids_per_item,
                     ),
                     self._waker.wake,
+                    stage_threads=config.stage_threads,
                 )
             if config.cpu_workers:
                 staging = StagingArena(dataclasses.replace(pool_spec, folder=str(folder)))

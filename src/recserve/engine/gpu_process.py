@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from recserve.engine.batching import HostBuffers, concat_batches
+from recserve.engine.batching import Copier, HostBuffers, concat_batches
 from recserve.engine.gpu_runner import split_output
 from recserve.engine.request import Completion, Query
 from recserve.engine.shared import ArenaSpec, StagingArena, load_shared_model, wait_for_child
@@ -100,8 +100,11 @@ class GpuProcessRunner:
         spec: RunnerSpec,
         wake: Callable[[], None] | None = None,
         start_timeout: float = 600.0,
+        stage_threads: int = 4,
     ) -> None:
         self.spec = spec
+        self._copier = Copier(stage_threads)
+        """Joins queued queries into a slot with a few threads (megabytes of ids)."""
         self._wake = wake or (lambda: None)
         """Wakes the loop thread: work refused at dispatch is answered on its next poll."""
         self.keys = spec.keys
@@ -160,7 +163,10 @@ class GpuProcessRunner:
         slot = self._free.pop()
         try:
             batch = concat_batches(
-                [q.batch for q in queries if q.batch is not None], self.keys, self._views[slot]
+                [q.batch for q in queries if q.batch is not None],
+                self.keys,
+                self._views[slot],
+                self._copier,
             )
             if batch.sparse.weights is not None:
                 raise ValueError("the GPU runner does not take per-sample weights")
@@ -221,6 +227,7 @@ class GpuProcessRunner:
             self._proc.join(5.0)
         self._conn.close()
         self.arena.unlink()
+        self._copier.close()
 
     # -- helpers --------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from recserve.engine.batching import HostBuffers, concat_batches
+from recserve.engine.batching import Copier, HostBuffers, concat_batches
 from recserve.engine.request import Completion, Query
 from recserve.pipeline import GPUPipeline
 from recserve.types import Batch, KeyedJagged
@@ -55,8 +55,10 @@ class GpuRunner:
         max_inflight: int = 2,
         on_done: Callable[[], None] | None = None,
         pipeline: GPUPipeline | None = None,
+        stage_threads: int = 4,
     ) -> None:
         self.model = model
+        self._copier = Copier(stage_threads)
         self.pipeline = pipeline if device.type == "cuda" else None
         self.keys = keys
         self.device = device
@@ -109,6 +111,7 @@ class GpuRunner:
         self._inbox.put(None)
         for t in self._threads:
             t.join(timeout=30)
+        self._copier.close()
 
     def _finish(self, done: list[Completion]) -> None:
         self._done.append(done)
@@ -140,7 +143,7 @@ class GpuRunner:
         if slot.copied is not None:
             slot.copied.synchronize()  # the pinned inputs of this slot's last batch were read
         host = concat_batches(
-            [q.batch for q in queries if q.batch is not None], self.keys, slot.host
+            [q.batch for q in queries if q.batch is not None], self.keys, slot.host, self._copier
         )
         if host.sparse.weights is not None:
             raise ValueError("the GPU runner does not take per-sample weights")
