@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from recserve.engine.config import SchedConfig
+from recserve.engine.deeprecsched import default_grids
 from recserve.engine.simulate import PiecewiseLinear, ServiceModel, simulated_measure
 from recserve.engine.tuner import Grids, LoadSearch, guided_search, hill_climb
 from recserve.loadgen.metrics import LatencyTarget, RunResult
@@ -186,3 +187,31 @@ def test_hill_climb_reuses_known_configurations() -> None:
     )
     assert 64 not in calls and result.best is static
     assert result.best.qps >= static.qps
+
+
+def test_the_coalescing_cap_is_climbed_after_the_threshold() -> None:
+    """Joining GPU queries can cost more than it saves (megabyte queries): the climb tries
+    the cap down to 1 (every query alone) and keeps the best; CPU-only configurations are
+    not climbed over it."""
+    capacity = {2048: 400.0, 512: 600.0, 1: 900.0}
+    seen: list[SchedConfig] = []
+
+    def measure(config: SchedConfig, qps: float) -> RunResult:
+        seen.append(config)
+        limit = capacity[config.gpu_max_batch] if config.uses_gpu else 100.0
+        ok = qps <= limit
+        return RunResult(qps, 100, np.full(100, 0.001 if ok else 0.05), duration=1.0)
+
+    grids = Grids(sub_batch_size=(16,), gpu_threshold=(0,), gpu_max_batch=(2048, 512, 1))
+    result = hill_climb(measure, TARGET, SchedConfig(), grids, start_qps=100.0)
+    assert result.best.config.gpu_threshold == 0
+    assert result.best.config.gpu_max_batch == 1
+    assert 0.9 * 900 <= result.best.qps <= 900
+    assert all(c.gpu_max_batch == SchedConfig().gpu_max_batch for c in seen if not c.uses_gpu)
+    assert [c.config.gpu_max_batch for c in result.climbed if c.config.uses_gpu] == [2048, 512, 1]
+
+
+def test_default_grids_climb_the_cap_only_with_a_gpu() -> None:
+    assert default_grids(1024, gpu=False).gpu_max_batch == ()
+    caps = default_grids(1024, gpu=True).gpu_max_batch
+    assert caps[0] == SchedConfig().gpu_max_batch and 1 in caps

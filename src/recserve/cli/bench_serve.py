@@ -329,14 +329,19 @@ def bench_model(
             )
             rec["hill_climb_cpu"] = climbs[0].to_dict()
             if has_gpu:
-                t_and_delay = Grids((), grids.gpu_threshold, grids.gpu_max_delay)
+                gpu_knobs = Grids(
+                    sub_batch_size=(),
+                    gpu_threshold=grids.gpu_threshold,
+                    gpu_max_batch=grids.gpu_max_batch,
+                    gpu_max_delay=grids.gpu_max_delay,
+                )
                 gpu_start = max(climbs[0].best.qps, found["gpu-only"].qps, start)
                 climbs.append(
                     hill_climb(
                         measure,
                         medium,
                         SchedConfig(),
-                        t_and_delay,
+                        gpu_knobs,
                         gpu_start,
                         search,
                         incumbent=climbs[0].best,

@@ -33,12 +33,19 @@ STATIC_GPU: dict[str, SchedConfig] = {
 
 def default_grids(max_items: int, gpu: bool) -> Grids:
     """b as in DeepRecSys (powers of two up to the largest query), then T from high (little
-    offloaded) to 0 (everything offloaded), then the coalescing delay."""
+    offloaded) to 0 (everything offloaded), then the coalescing cap (down to 1: no joining),
+    then the coalescing delay."""
     b = (*(x for x in (8, 16, 32, 64, 128, 256, 512) if x < max_items), None)
     if not gpu:
         return Grids(sub_batch_size=b)
     t = (*(x for x in (768, 512, 384, 256, 128, 64) if x < max_items), 0)
-    return Grids(sub_batch_size=b, gpu_threshold=t, gpu_max_delay=(0.5e-3, 2e-3))
+    cap = SchedConfig().gpu_max_batch
+    return Grids(
+        sub_batch_size=b,
+        gpu_threshold=t,
+        gpu_max_batch=(cap, 512, 1),
+        gpu_max_delay=(0.5e-3, 2e-3),
+    )
 
 
 @dataclass(frozen=True)

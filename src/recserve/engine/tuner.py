@@ -162,17 +162,23 @@ class LoadSearch:
 
 @dataclass(frozen=True)
 class Grids:
-    """The values each knob may take, climbed in this order: b, then T, then the GPU delay."""
+    """The values each knob may take, climbed in this order: b, then T, then the GPU
+    coalescing cap, then the GPU delay."""
 
     sub_batch_size: Sequence[int | None] = (16, 32, 64, 128, 256, 512, None)
     gpu_threshold: Sequence[int | None] = ()
     """Climbed from the first value on; start high (little goes to the GPU) and go down."""
+    gpu_max_batch: Sequence[int] = ()
+    """The coalescing cap (items; 1: every GPU query alone). Joining queries amortises the
+    runner's per-batch work, but a join of megabyte queries costs more host copying than it
+    saves (dlrm-rmc2 on the H200), so it is measured, not assumed."""
     gpu_max_delay: Sequence[float] = ()
 
     def stages(self) -> list[tuple[str, Sequence[object]]]:
         stages: list[tuple[str, Sequence[object]]] = [
             ("sub_batch_size", self.sub_batch_size),
             ("gpu_threshold", self.gpu_threshold),
+            ("gpu_max_batch", self.gpu_max_batch),
             ("gpu_max_delay", self.gpu_max_delay),
         ]
         return [(name, grid) for name, grid in stages if grid]
@@ -207,7 +213,7 @@ def hill_climb(
     best = incumbent
     config = incumbent.config if incumbent is not None else base
     for name, grid in grids.stages():
-        if name == "gpu_max_delay" and not config.uses_gpu:
+        if name in ("gpu_max_batch", "gpu_max_delay") and not config.uses_gpu:
             continue  # nothing is offloaded, so there is nothing to coalesce
         drops = 0
         for value in grid:
