@@ -48,3 +48,21 @@ def test_merge_recomputes_the_summary_over_all_models(tmp_path: Path) -> None:
     out = ["--out", str(tmp_path / "x")]
     assert main(["bench", "serve", "--merge", str(a), str(b), *out]) == 2  # refused: overlap
     assert not (tmp_path / "x").exists()
+
+
+def test_merge_with_replace_takes_each_model_from_the_last_run_that_has_it(
+    tmp_path: Path,
+) -> None:
+    a, b, c = (tmp_path / f"{k}.json" for k in "abc")
+    a.write_text(json.dumps(_run({"m1": (2.5, 1.7, 0.02), "m2": (2.1, 1.9, 0.04)}, "abc")))
+    b.write_text(json.dumps(_run({"m2": (1.2, 1.3, 0.01)}, "def")))
+    c.write_text(json.dumps(_run({"m2": (1.4, 1.6, 0.03), "m3": (3.0, 3.0, 0.0)}, "ghi")))
+    args = ["bench", "serve", "--merge", str(a), str(b), str(c), "--replace"]
+    assert main([*args, "--out", str(tmp_path / "m")]) == 0
+    s = json.loads((tmp_path / "m" / "bench_serve.json").read_text())["summary"]
+    assert s["models"] == ["m1", "m2", "m3"]
+    assert s["tuned_vs_best_static_cpu_min"] == pytest.approx(1.4)  # m2 from c, not b
+    assert s["tuned_vs_gpu_only_static_min"] == pytest.approx(1.6)
+    assert s["engine_overhead_frac"] == pytest.approx(0.03)
+    assert s["commit"] == "abc,ghi"  # b contributed nothing
+    assert [p["models"] for p in s["merged_from"]] == [["m1"], ["m2", "m3"]]
