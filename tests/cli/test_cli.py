@@ -114,3 +114,22 @@ def test_demo_trains_serves_and_matches(
     flat = " ".join(out.split())
     assert "391 items served" in flat
     assert "largest difference from the in-process model 0.0e+00" in flat
+
+
+@pytest.mark.parametrize("workers", [1, 0])
+def test_tune_prints_the_chosen_schedule(workers: int, capsys: pytest.CaptureFixture[str]) -> None:
+    """``recserve tune`` climbs on a live engine: with CPU workers b first; with none (a GPU
+    runner alone, here its CPU stand-in) the coalescing cap and delay, from T = 0."""
+    args = ["tune", "--model", "ncf", "--preset", "tiny", "--p95", "200ms", "--json"]
+    args += ["--workers", str(workers), "--device", "none" if workers else "cpu"]
+    args += ["--probe-seconds", "0.05", "--min-queries", "20"]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["qps"] > 0 and result["probes"] > 0
+    climbed = [c["config"] for c in result["climbed"]]
+    if workers:
+        assert {c["sub_batch_size"] for c in climbed} >= {8, 64}
+        assert all(c["gpu_threshold"] is None for c in climbed)
+    else:
+        assert all(c["gpu_threshold"] == 0 for c in climbed)
+        assert {c["gpu_max_batch"] for c in climbed} == {2048, 512, 1}

@@ -29,8 +29,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "tune",
         help="hill-climb the sub-batch size b and GPU threshold T under a tail-latency target",
-        description="DeepRecSched: climb b (CPU sub-batch size), then T (GPU offload threshold) "
-        "and the GPU coalescing delay, finding each configuration's sustainable load by "
+        description="DeepRecSched: climb b (CPU sub-batch size), then T (GPU offload threshold), "
+        "the GPU coalescing cap and the coalescing delay (with --workers 0: only the cap and "
+        "the delay), finding each configuration's sustainable load by "
         "adjusting the offered QPS; print the chosen schedule, its latency-bounded QPS and the "
         "curve climbed.",
     )
@@ -74,18 +75,25 @@ def run(args: argparse.Namespace) -> int:
     config = EngineConfig(cpu_workers=args.workers, device=args.device, queue_capacity=512)
     with RecEngine(model, config) as engine:
         has_gpu = engine.device is not None
-        if args.workers == 0:  # GPU only: every query goes to the runner; tune its delay
-            grids = Grids(sub_batch_size=(), gpu_max_delay=(0.0, 0.5e-3, 1e-3, 2e-3))
+        base = SchedConfig()
+        if args.workers == 0:  # GPU only: every query goes to the runner; tune its joining
+            base = SchedConfig(sub_batch_size=None, gpu_threshold=0)
+            grids = Grids(
+                sub_batch_size=(),
+                gpu_max_batch=(SchedConfig().gpu_max_batch, 512, 1),
+                gpu_max_delay=(0.0, 0.5e-3, 1e-3, 2e-3),
+            )
         else:
             grids = default_grids(config.max_query_items, gpu=has_gpu)
         plan = ProbePlan(seconds=args.probe_seconds, min_queries=args.min_queries, seed=args.seed)
-        start = 0.5 * saturation_qps(engine, pool, SchedConfig(sub_batch_size=None), seconds=0.5)
+        whole = base.with_(sub_batch_size=None)
+        start = 0.5 * saturation_qps(engine, pool, whole, seconds=0.5)
         console.print(
             f"tuning {args.model} ({preset}) for {target} with {args.workers} CPU workers"
             f"{' + GPU runner on ' + str(engine.device) if has_gpu else ''}; start at {start:.0f} QPS"
         )
         measure = engine_measure(engine, pool, plan, target)
-        result = hill_climb(measure, target, SchedConfig(), grids, start, LoadSearch(rel_tol=0.05))
+        result = hill_climb(measure, target, base, grids, start, LoadSearch(rel_tol=0.05))
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:

@@ -227,6 +227,22 @@ class RecEngine:
 
     # -- the InferenceEngine protocol --------------------------------------------------------
 
+    def share_memory(self, path: str, address: int, size: int) -> int | None:
+        """Let the GPU runner read queries in place from the shared file at ``path`` (mapped in
+        this process at ``address``, ``size`` bytes): a GPU batch of one query whose dense
+        features, ids and offsets all lie there skips the join into the runner's slot (the
+        server's front ends decode requests into such files). Returns a handle for
+        :meth:`unshare_memory`, or None where the runner is not a process of its own. The
+        file's queries must stay unchanged until they are answered."""
+        if isinstance(self._gpu, GpuProcessRunner):
+            return self._gpu.share_region(path, address, size)
+        return None
+
+    def unshare_memory(self, handle: int | None) -> None:
+        """Stop reading queries in place from a file given to :meth:`share_memory`."""
+        if handle is not None and isinstance(self._gpu, GpuProcessRunner):
+            self._gpu.unshare_region(handle)
+
     def submit(self, batch: Batch) -> Future[torch.Tensor]:
         future = self.admit(batch)
         self._waker.wake()
@@ -261,6 +277,8 @@ class RecEngine:
         out["device"] = str(self.device) if self.device is not None else "none"
         out["schedule"] = self.core.scheduler.config.to_dict()
         out["busy_poll_us"] = self.engine_config.busy_poll_us
+        if isinstance(self._gpu, GpuProcessRunner):
+            out["gpu_zero_copy_batches"] = self._gpu.zero_copy_batches
         return out
 
     def close(self, drain: bool = True, timeout: float | None = None) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
 import multiprocessing as mp
 import os
 import queue
@@ -39,12 +40,17 @@ from recserve.engine.gpu_runner import split_output
 from recserve.engine.request import Completion, Query
 from recserve.engine.shared import ArenaSpec, StagingArena, load_shared_model, wait_for_child
 from recserve.procname import set_process_name
+from recserve.types import Batch, KeyedJagged
 
 log = logging.getLogger(__name__)
 
 
-_REQUEST = struct.Struct("<qqq")
-"""Engine -> runner: slot, items, ids of a staged batch (slot -1: stop)."""
+_REQUEST = struct.Struct("<qqqqqqq")
+"""Engine -> runner: slot, items, ids, then where the inputs are: region -1 (staged in the
+slot) or a shared region's id and the byte offsets of its dense features, ids and offsets.
+Slot -1: stop. Slot -2: map a region (items: its id, ids: its size; the path's length in the
+third field, the path after the record). Slot -3: unmap region ``items``."""
+_STOP, _MAP, _UNMAP = -1, -2, -3
 _REPLY = struct.Struct("<qq")
 """Runner -> engine: slot, then the length of an error text that follows (0: answered)."""
 
@@ -126,6 +132,13 @@ class GpuProcessRunner:
         self._inflight: deque[tuple[int, list[Query], int]] = deque()
         self._errors: list[Completion] = []
         self._dead = False
+        self._send_lock = threading.Lock()
+        """Records go out whole: regions may be shared from another thread than the loop's."""
+        self._regions: dict[int, tuple[int, int]] = {}
+        """Shared regions the runner has mapped: id -> (address here, size)."""
+        self._next_region = 0
+        self.zero_copy_batches = 0
+        """Batches the runner read where they were (no join into a slot)."""
         self.info: dict[str, Any] = {}
         self._start_timeout = start_timeout
 
@@ -161,6 +174,14 @@ class GpuProcessRunner:
             self._fail(queries, RunnerDied("the GPU runner process is gone"))
             return
         slot = self._free.pop()
+        if len(queries) == 1 and (where := self._locate(queries[0])) is not None:
+            q = queries[0]
+            assert q.batch is not None
+            b, n = q.batch.batch_size, q.batch.sparse.values.numel()
+            if self._send(_REQUEST.pack(slot, b, n, *where), slot, queries):
+                self._inflight.append((slot, queries, b))
+                self.zero_copy_batches += 1
+            return
         try:
             batch = concat_batches(
                 [q.batch for q in queries if q.batch is not None],
@@ -175,13 +196,75 @@ class GpuProcessRunner:
             self._fail(queries, err)
             return
         b, n = batch.batch_size, batch.sparse.values.numel()
+        if self._send(_REQUEST.pack(slot, b, n, -1, 0, 0, 0), slot, queries):
+            self._inflight.append((slot, queries, b))
+
+    def _send(self, record: bytes, slot: int, queries: list[Query]) -> bool:
         try:
-            self._sock.sendall(_REQUEST.pack(slot, b, n))
+            with self._send_lock:
+                self._sock.sendall(record)
         except OSError as err:
             self._free.append(slot)
             self._fail(queries, RunnerDied(f"the GPU runner process is gone ({err})"))
+            return False
+        return True
+
+    # -- shared regions: inputs the runner reads where they are ----------------------------
+
+    def share_region(self, path: str, address: int, size: int) -> int | None:
+        """Have the runner map the shared file at ``path`` (mapped here at ``address``, ``size``
+        bytes): a query whose arrays all lie in it is then read from there, not joined into a
+        slot first (one copy less on the engine's loop thread). Returns the region's id, or
+        None when the runner is gone."""
+        if self._dead or not self.info:
+            return None
+        region = self._next_region
+        self._next_region += 1
+        name = path.encode()
+        try:
+            with self._send_lock:
+                self._sock.sendall(_REQUEST.pack(_MAP, region, size, len(name), 0, 0, 0) + name)
+        except OSError:
+            return None
+        self._regions = {**self._regions, region: (address, size)}  # readers see old or new
+        return region
+
+    def unshare_region(self, region: int) -> None:
+        """Stop reading queries from ``region`` (those sent before are still read from it: the
+        runner unmaps it after they are done)."""
+        if region not in self._regions:
             return
-        self._inflight.append((slot, queries, b))
+        self._regions = {k: v for k, v in self._regions.items() if k != region}
+        if self._dead:
+            return
+        with contextlib.suppress(OSError), self._send_lock:
+            self._sock.sendall(_REQUEST.pack(_UNMAP, region, 0, 0, 0, 0, 0))
+
+    def _locate(self, query: Query) -> tuple[int, int, int, int] | None:
+        """``(region, dense, ids, offsets byte offsets)`` when the query's arrays all lie in
+        one shared region in the layout the runner reads, else None."""
+        batch = query.batch
+        if not self._regions or batch is None:
+            return None
+        s = batch.sparse
+        if s.keys != self.keys or s.weights is not None or batch.batch_size > self.max_items:
+            return None
+        arrays = (batch.dense, s.values, s.offsets)
+        if (
+            s.values.dtype != torch.int64
+            or s.offsets.dtype != torch.int64
+            or batch.dense.dtype != torch.float32
+            or not all(t.is_contiguous() and t.device.type == "cpu" for t in arrays)
+        ):
+            return None
+        for region, (base, size) in self._regions.items():
+            offs = [t.data_ptr() - base for t in arrays]
+            if batch.dense.numel() == 0:
+                offs[0] = 0  # nothing to read
+            spans = zip(offs, (t.numel() * t.element_size() for t in arrays), strict=True)
+            if all(off >= 0 and off + nbytes <= size for off, nbytes in spans):
+                return (region, *offs)  # type: ignore[return-value]
+        return None
 
     def poll(self) -> list[Completion]:
         out, self._errors = self._errors, []
@@ -217,7 +300,7 @@ class GpuProcessRunner:
     def close(self, timeout: float = 30.0) -> None:
         with contextlib.suppress(OSError, ValueError):
             if self.info:
-                self._sock.sendall(_REQUEST.pack(-1, 0, 0))
+                self._sock.sendall(_REQUEST.pack(_STOP, 0, 0, 0, 0, 0, 0))
                 self._sock.close()
             else:
                 self._conn.send(None)
@@ -299,16 +382,99 @@ def _runner_main(spec: RunnerSpec, conn: Connection) -> None:
             _cpu_loop(spec, sock, model, arena)
 
 
-def _next_request(sock: socket.socket) -> tuple[int, int, int] | None:
-    """The next batch to run, or None when told to stop or the engine is gone."""
-    try:
-        data = sock.recv(_REQUEST.size, socket.MSG_WAITALL)
-    except (OSError, KeyboardInterrupt):
-        return None
-    if len(data) < _REQUEST.size:
-        return None
-    slot, b, n = _REQUEST.unpack(data)
-    return None if slot < 0 else (slot, b, n)
+@dataclass(frozen=True)
+class _Request:
+    """A batch to run: its slot (answers go there), size, and where its inputs are."""
+
+    slot: int
+    items: int
+    ids: int
+    region: int
+    dense: int
+    values: int
+    offsets: int
+
+
+class _Regions:
+    """The shared files the engine asked this runner to map (inputs read where they are);
+    page-locked for the device on CUDA, so copies go straight from them."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._maps: dict[int, tuple[mmap.mmap, torch.Tensor, bool]] = {}
+
+    def map(self, region: int, path: str, size: int) -> None:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            mapping = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        data = torch.frombuffer(mapping, dtype=torch.uint8)
+        registered = False
+        if self.device.type == "cuda":
+            from recserve.storage.host import register_host_memory
+
+            try:
+                register_host_memory(data.data_ptr(), size - size % mmap.PAGESIZE)
+                registered = True
+            except Exception as err:  # still correct: the pipeline stages what is not pinned
+                log.warning("could not page-lock shared region %s (%s)", path, err)
+        self._maps[region] = (mapping, data, registered)
+
+    def unmap(self, region: int) -> None:
+        entry = self._maps.pop(region, None)
+        if entry is None:
+            return
+        mapping, data, registered = entry
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # no copy still reads it
+            if registered:
+                from recserve.storage.host import unregister_host_memory
+
+                with contextlib.suppress(Exception):
+                    unregister_host_memory(data.data_ptr())
+        del data
+        with contextlib.suppress(BufferError):  # a view still held: it goes with the view
+            mapping.close()
+
+    def batch(self, r: _Request, keys: tuple[str, ...], num_dense: int) -> Batch:
+        """Views of the request's arrays in its region (no copy)."""
+        data = self._maps[r.region][1]
+
+        def view(offset: int, count: int, dtype: torch.dtype) -> torch.Tensor:
+            nbytes = count * torch.empty((), dtype=dtype).element_size()
+            return data[offset : offset + nbytes].view(dtype)
+
+        b = r.items
+        values = view(r.values, r.ids, torch.int64)
+        offsets = view(r.offsets, len(keys) * b + 1, torch.int64)
+        dense = view(r.dense, b * num_dense, torch.float32).view(b, num_dense)
+        return Batch(dense, KeyedJagged(keys, values, offsets, b))
+
+    def close(self) -> None:
+        for region in list(self._maps):
+            self.unmap(region)
+
+
+def _next_request(sock: socket.socket, regions: _Regions) -> _Request | None:
+    """The next batch to run (maps and unmaps regions on the way), or None when told to stop
+    or the engine is gone."""
+    while True:
+        try:
+            data = sock.recv(_REQUEST.size, socket.MSG_WAITALL)
+            if len(data) < _REQUEST.size:
+                return None
+            r = _Request(*_REQUEST.unpack(data))
+            if r.slot == _MAP:
+                path = sock.recv(r.region, socket.MSG_WAITALL).decode()
+                regions.map(r.items, path, r.ids)
+                continue
+        except (OSError, KeyboardInterrupt):
+            return None
+        if r.slot == _UNMAP:
+            regions.unmap(r.items)
+            continue
+        return None if r.slot < 0 else r
 
 
 def pack_reply(slot: int, error: str | None) -> bytes:
@@ -326,18 +492,28 @@ def _reply(sock: socket.socket, slot: int, error: str | None) -> None:
     sock.sendall(pack_reply(slot, error))
 
 
+def _inputs(r: _Request, spec: RunnerSpec, arena: StagingArena, regions: _Regions) -> Batch:
+    """The request's batch: staged in its slot, or read in a shared region."""
+    if r.region < 0:
+        return arena.batch(r.slot, r.items, r.ids, spec.keys)
+    return regions.batch(r, spec.keys, arena.dense.shape[-1])
+
+
 def _cpu_loop(spec: RunnerSpec, sock: socket.socket, model: Any, arena: StagingArena) -> None:
-    while (request := _next_request(sock)) is not None:
-        slot, b, n = request
-        error = None
-        try:
-            arena.out[slot, :b] = model(arena.batch(slot, b, n, spec.keys))
-        except Exception as err:  # reported to the engine, which fails the batch's queries
-            error = _describe(err)
-        try:
-            _reply(sock, slot, error)
-        except OSError:
-            return
+    regions = _Regions(torch.device("cpu"))
+    try:
+        while (r := _next_request(sock, regions)) is not None:
+            error = None
+            try:
+                arena.out[r.slot, : r.items] = model(_inputs(r, spec, arena, regions))
+            except Exception as err:  # reported to the engine, which fails the batch's queries
+                error = _describe(err)
+            try:
+                _reply(sock, r.slot, error)
+            except OSError:
+                return
+    finally:
+        regions.close()
 
 
 class _CudaLoop:
@@ -368,19 +544,20 @@ class _CudaLoop:
     def run(self) -> None:
         done = threading.Thread(target=self._complete, name="recserve-gpu-done", daemon=True)
         done.start()
+        regions = _Regions(self.device)
         try:
-            while (request := _next_request(self.sock)) is not None:
-                slot, b, n = request
+            while (r := _next_request(self.sock, regions)) is not None:
                 try:
-                    self.pending.put((slot, b, self._launch(slot, b, n), None))
+                    batch = _inputs(r, self.spec, self.arena, regions)
+                    self.pending.put((r.slot, r.items, self._launch(r.slot, r.items, batch), None))
                 except Exception as err:
-                    self.pending.put((slot, b, None, _describe(err)))
+                    self.pending.put((r.slot, r.items, None, _describe(err)))
         finally:
             self.pending.put(None)
             done.join(timeout=30)
+            regions.close()
 
-    def _launch(self, slot: int, b: int, n: int) -> torch.cuda.Event:
-        batch = self.arena.batch(slot, b, n, self.spec.keys)
+    def _launch(self, slot: int, b: int, batch: Batch) -> torch.cuda.Event:
         with torch.cuda.stream(self.stream):
             if self.pipeline is not None:
                 out = self.pipeline(batch)

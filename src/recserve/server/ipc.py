@@ -178,6 +178,15 @@ class Arena:
         self._live: list[tuple[int, int]] = []
         self._lock = threading.Lock()
 
+    @property
+    def address(self) -> int:
+        """Where the file is mapped in this process."""
+        probe = np.frombuffer(self._map, np.uint8, 1)
+        try:
+            return int(probe.ctypes.data)
+        finally:
+            del probe
+
     def alloc(self, nbytes: int) -> tuple[int, int] | None:
         """A free block of at least ``nbytes`` (``(start, end)``), or None when none is free."""
         nbytes = max(_ALIGN, -(-nbytes // 64) * 64)

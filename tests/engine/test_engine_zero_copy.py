@@ -1,0 +1,62 @@
+"""The GPU runner reads a query in place from memory shared with it (``share_memory``)."""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from recserve.engine import EngineConfig, RecEngine, SchedConfig
+from recserve.loadgen.synthetic import QueryFactory
+from recserve.models.registry import build_model
+from recserve.types import Batch, KeyedJagged
+
+
+def _in_region(batch: Batch, data: np.ndarray, keys: tuple[str, ...]) -> Batch:
+    """A copy of ``batch`` whose arrays live in ``data`` (dense, ids, offsets back to back)."""
+    arrays = (batch.dense.numpy(), batch.sparse.values.numpy(), batch.sparse.offsets.numpy())
+    views, pos = [], 0
+    for a in arrays:
+        view = data[pos : pos + a.nbytes].view(a.dtype).reshape(a.shape)
+        view[...] = a
+        views.append(torch.from_numpy(view))
+        pos += a.nbytes + (-a.nbytes % 64)
+    sparse = KeyedJagged(keys, views[1], views[2], batch.batch_size)
+    return Batch(views[0], sparse)
+
+
+def test_shared_queries_are_read_in_place_until_unshared(tmp_path: Path) -> None:
+    model = build_model("wnd", "tiny", seed=4)
+    sched = SchedConfig(sub_batch_size=None, gpu_threshold=0, gpu_max_batch=1)
+    config = EngineConfig(sched=sched, cpu_workers=0, device="cpu", max_query_items=32)
+    path, size = tmp_path / "region", 1 << 20
+    with open(path, "wb") as f:
+        f.truncate(size)
+    fd = os.open(path, os.O_RDWR)
+    mapping = mmap.mmap(fd, size)
+    os.close(fd)
+    data = np.frombuffer(mapping, np.uint8)
+    factory = QueryFactory(model.config, seed=5, jitter=True)
+    with RecEngine(model, config) as engine:
+        keys = engine.keys
+        plain = factory.make(9)
+        plain = Batch(plain.dense, plain.sparse.select(keys))
+        shared = _in_region(plain, data, keys)
+        with torch.inference_mode():
+            expected = model(plain)
+        handle = engine.share_memory(str(path), int(data.ctypes.data), size)
+        assert handle is not None
+        for batch in (shared, plain, shared):
+            torch.testing.assert_close(engine.submit(batch).result(60), expected)
+        assert engine.stats()["gpu_zero_copy_batches"] == 2  # the plain one was joined
+        engine.unshare_memory(handle)
+        torch.testing.assert_close(engine.submit(shared).result(60), expected)
+        assert engine.stats()["gpu_zero_copy_batches"] == 2  # joined again once unshared
+        assert engine.stats()["gpu_batches"] == 4
+    del shared, data
+    with contextlib.suppress(BufferError):  # a view the engine still holds goes with it
+        mapping.close()
