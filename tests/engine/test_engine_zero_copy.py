@@ -60,3 +60,40 @@ def test_shared_queries_are_read_in_place_until_unshared(tmp_path: Path) -> None
     del shared, data
     with contextlib.suppress(BufferError):  # a view the engine still holds goes with it
         mapping.close()
+
+
+def test_shared_queries_queued_together_are_joined_by_the_runner(tmp_path: Path) -> None:
+    """With one slot, queries that queue behind a batch are joined; when they all lie in
+    shared memory the runner joins them itself, and every answer is still its own."""
+    model = build_model("dlrm-rmc1", "tiny", seed=6)
+    sched = SchedConfig(sub_batch_size=None, gpu_threshold=0, gpu_max_batch=64)
+    config = EngineConfig(
+        sched=sched, cpu_workers=0, device="cpu", max_query_items=32, gpu_max_inflight=1
+    )
+    path, size = tmp_path / "region", 1 << 22
+    with open(path, "wb") as f:
+        f.truncate(size)
+    fd = os.open(path, os.O_RDWR)
+    mapping = mmap.mmap(fd, size)
+    os.close(fd)
+    data = np.frombuffer(mapping, np.uint8)
+    factory = QueryFactory(model.config, seed=7, jitter=True)
+    with RecEngine(model, config) as engine:
+        keys = engine.keys
+        plains = [factory.make(n) for n in (5, 1, 12, 7, 3, 9)]
+        plains = [Batch(p.dense, p.sparse.select(keys)) for p in plains]
+        shared = []
+        for k, p in enumerate(plains):  # each in its own stretch of the region
+            shared.append(_in_region(p, data[k * (size // 8) : (k + 1) * (size // 8)], keys))
+        assert engine.share_memory(str(path), int(data.ctypes.data), size) is not None
+        for _ in range(3):
+            futures = [engine.submit(b) for b in shared]
+            for plain, future in zip(plains, futures, strict=True):
+                with torch.inference_mode():
+                    torch.testing.assert_close(future.result(60), model(plain))
+        stats = engine.stats()
+        assert stats["gpu_queries"] > stats["gpu_batches"]  # some were joined
+        assert stats["gpu_zero_copy_batches"] == stats["gpu_batches"]
+    del shared, data
+    with contextlib.suppress(BufferError):
+        mapping.close()

@@ -230,8 +230,9 @@ class RecEngine:
     def share_memory(self, path: str, address: int, size: int) -> int | None:
         """Let the GPU runner read queries in place from the shared file at ``path`` (mapped in
         this process at ``address``, ``size`` bytes): a GPU batch of one query whose dense
-        features, ids and offsets all lie there skips the join into the runner's slot (the
-        server's front ends decode requests into such files). Returns a handle for
+        features, ids and offsets all lie there is read in place, and a batch of several such
+        queries is joined into the slot by the runner process, not by this one (the server's
+        front ends decode requests into such files). Returns a handle for
         :meth:`unshare_memory`, or None where the runner is not a process of its own. The
         file's queries must stay unchanged until they are answered."""
         if isinstance(self._gpu, GpuProcessRunner):

@@ -18,6 +18,7 @@ same engine path runs in tests.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import mmap
 import multiprocessing as mp
@@ -48,9 +49,15 @@ log = logging.getLogger(__name__)
 _REQUEST = struct.Struct("<qqqqqqq")
 """Engine -> runner: slot, items, ids, then where the inputs are: region -1 (staged in the
 slot) or a shared region's id and the byte offsets of its dense features, ids and offsets.
-Slot -1: stop. Slot -2: map a region (items: its id, ids: its size; the path's length in the
-third field, the path after the record). Slot -3: unmap region ``items``."""
+Region -2: several queries in shared regions, to be joined into the slot by the runner; their
+count is the next field and one ``_PART`` record each follows. Slot -1: stop. Slot -2: map a
+region (items: its id, ids: its size; the path's length in the third field, the path after the
+record). Slot -3: unmap region ``items``."""
+_PART = struct.Struct("<qqqqqq")
+"""One query of a batch the runner joins: region, dense, ids and offsets byte offsets, items,
+ids."""
 _STOP, _MAP, _UNMAP = -1, -2, -3
+_JOINED = -2
 _REPLY = struct.Struct("<qq")
 """Runner -> engine: slot, then the length of an error text that follows (0: answered)."""
 
@@ -138,7 +145,8 @@ class GpuProcessRunner:
         """Shared regions the runner has mapped: id -> (address here, size)."""
         self._next_region = 0
         self.zero_copy_batches = 0
-        """Batches the runner read where they were (no join into a slot)."""
+        """Batches this process did not copy: one query the runner read where it was, or
+        several the runner joined into the slot itself."""
         self.info: dict[str, Any] = {}
         self._start_timeout = start_timeout
 
@@ -174,12 +182,9 @@ class GpuProcessRunner:
             self._fail(queries, RunnerDied("the GPU runner process is gone"))
             return
         slot = self._free.pop()
-        if len(queries) == 1 and (where := self._locate(queries[0])) is not None:
-            q = queries[0]
-            assert q.batch is not None
-            b, n = q.batch.batch_size, q.batch.sparse.values.numel()
-            if self._send(_REQUEST.pack(slot, b, n, *where), slot, queries):
-                self._inflight.append((slot, queries, b))
+        if (record := self._shared_record(slot, queries)) is not None:
+            if self._send(record, slot, queries):
+                self._inflight.append((slot, queries, sum(q.num_items for q in queries)))
                 self.zero_copy_batches += 1
             return
         try:
@@ -239,6 +244,28 @@ class GpuProcessRunner:
             return
         with contextlib.suppress(OSError), self._send_lock:
             self._sock.sendall(_REQUEST.pack(_UNMAP, region, 0, 0, 0, 0, 0))
+
+    def _shared_record(self, slot: int, queries: list[Query]) -> bytes | None:
+        """The record for a batch whose queries all lie in shared regions: one query is read
+        by the runner where it is; several are joined into the slot by the runner (the copy
+        leaves this process). None when any query is elsewhere or the join would not fit."""
+        if not self._regions:
+            return None
+        where = [self._locate(q) for q in queries]
+        if any(w is None for w in where):
+            return None
+        batches = [q.batch for q in queries]
+        sizes = [(b.batch_size, b.sparse.values.numel()) for b in batches if b is not None]
+        b, n = sum(x for x, _ in sizes), sum(y for _, y in sizes)
+        if len(queries) == 1:
+            return _REQUEST.pack(slot, b, n, *where[0])  # type: ignore[misc]
+        if not self._views[slot].fits(b, n):
+            return None  # the join in this process says what does not fit
+        parts = b"".join(
+            _PART.pack(*w, bq, nq)  # type: ignore[misc]
+            for w, (bq, nq) in zip(where, sizes, strict=True)
+        )
+        return _REQUEST.pack(slot, b, n, _JOINED, len(queries), 0, 0) + parts
 
     def _locate(self, query: Query) -> tuple[int, int, int, int] | None:
         """``(region, dense, ids, offsets byte offsets)`` when the query's arrays all lie in
@@ -393,6 +420,8 @@ class _Request:
     dense: int
     values: int
     offsets: int
+    parts: tuple[_Request, ...] = ()
+    """A batch the runner joins: its queries (each with its own region and offsets)."""
 
 
 class _Regions:
@@ -474,6 +503,18 @@ def _next_request(sock: socket.socket, regions: _Regions) -> _Request | None:
         if r.slot == _UNMAP:
             regions.unmap(r.items)
             continue
+        if r.slot >= 0 and r.region == _JOINED:
+            try:
+                data = sock.recv(_PART.size * r.dense, socket.MSG_WAITALL)
+            except (OSError, KeyboardInterrupt):
+                return None
+            if len(data) < _PART.size * r.dense:
+                return None
+            parts = []
+            for k in range(r.dense):
+                region, d, v, o, b, n = _PART.unpack_from(data, k * _PART.size)
+                parts.append(_Request(r.slot, b, n, region, d, v, o))
+            r = dataclasses.replace(r, parts=tuple(parts))
         return None if r.slot < 0 else r
 
 
@@ -492,20 +533,28 @@ def _reply(sock: socket.socket, slot: int, error: str | None) -> None:
     sock.sendall(pack_reply(slot, error))
 
 
-def _inputs(r: _Request, spec: RunnerSpec, arena: StagingArena, regions: _Regions) -> Batch:
-    """The request's batch: staged in its slot, or read in a shared region."""
+def _inputs(
+    r: _Request, spec: RunnerSpec, arena: StagingArena, regions: _Regions, copier: Copier
+) -> Batch:
+    """The request's batch: staged in its slot, read in a shared region, or joined into the
+    slot here from queries in shared regions."""
+    nd = arena.dense.shape[-1]
+    if r.parts:
+        parts = [regions.batch(p, spec.keys, nd) for p in r.parts]
+        views = HostBuffers(arena.dense[r.slot], arena.values[r.slot], arena.offsets[r.slot])
+        return concat_batches(parts, spec.keys, views, copier)
     if r.region < 0:
         return arena.batch(r.slot, r.items, r.ids, spec.keys)
-    return regions.batch(r, spec.keys, arena.dense.shape[-1])
+    return regions.batch(r, spec.keys, nd)
 
 
 def _cpu_loop(spec: RunnerSpec, sock: socket.socket, model: Any, arena: StagingArena) -> None:
-    regions = _Regions(torch.device("cpu"))
+    regions, copier = _Regions(torch.device("cpu")), Copier()
     try:
         while (r := _next_request(sock, regions)) is not None:
             error = None
             try:
-                arena.out[r.slot, : r.items] = model(_inputs(r, spec, arena, regions))
+                arena.out[r.slot, : r.items] = model(_inputs(r, spec, arena, regions, copier))
             except Exception as err:  # reported to the engine, which fails the batch's queries
                 error = _describe(err)
             try:
@@ -514,6 +563,7 @@ def _cpu_loop(spec: RunnerSpec, sock: socket.socket, model: Any, arena: StagingA
                 return
     finally:
         regions.close()
+        copier.close()
 
 
 class _CudaLoop:
@@ -544,11 +594,11 @@ class _CudaLoop:
     def run(self) -> None:
         done = threading.Thread(target=self._complete, name="recserve-gpu-done", daemon=True)
         done.start()
-        regions = _Regions(self.device)
+        regions, copier = _Regions(self.device), Copier()
         try:
             while (r := _next_request(self.sock, regions)) is not None:
                 try:
-                    batch = _inputs(r, self.spec, self.arena, regions)
+                    batch = _inputs(r, self.spec, self.arena, regions, copier)
                     self.pending.put((r.slot, r.items, self._launch(r.slot, r.items, batch), None))
                 except Exception as err:
                     self.pending.put((r.slot, r.items, None, _describe(err)))
@@ -556,6 +606,7 @@ class _CudaLoop:
             self.pending.put(None)
             done.join(timeout=30)
             regions.close()
+            copier.close()
 
     def _launch(self, slot: int, b: int, batch: Batch) -> torch.cuda.Event:
         with torch.cuda.stream(self.stream):
