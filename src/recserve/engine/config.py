@@ -87,6 +87,10 @@ class EngineConfig:
     """Threads that copy queued queries into the GPU runner's staging slot (a join of several
     dlrm queries is tens of megabytes: one core copies about 5 GB/s); 1: the thread that
     dispatches copies alone."""
+    share_inputs: bool = True
+    """Let the GPU runner process read queries from memory shared with it
+    (:meth:`~recserve.engine.engine.RecEngine.share_memory`) instead of this process copying
+    them into its slot; False copies every batch here (for comparison)."""
     gpu_kernels: str = "triton"
     """The GPU runner's model: ``triton`` (tables in the table-batched Triton backend, the
     whole forward replayed as a CUDA graph per batch-size bucket) or ``torch`` (the model as

@@ -235,7 +235,7 @@ class RecEngine:
         front ends decode requests into such files). Returns a handle for
         :meth:`unshare_memory`, or None where the runner is not a process of its own. The
         file's queries must stay unchanged until they are answered."""
-        if isinstance(self._gpu, GpuProcessRunner):
+        if isinstance(self._gpu, GpuProcessRunner) and self.engine_config.share_inputs:
             return self._gpu.share_region(path, address, size)
         return None
 
