@@ -8,10 +8,13 @@ use them.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import os
 import socket
 from collections.abc import Iterator
+from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
 import grpc
@@ -58,13 +61,22 @@ def batch_tensors(
 
 
 class HTTPClient:
-    """KServe v2 HTTP/REST with the binary tensor data extension."""
+    """KServe v2 HTTP/REST with the binary tensor data extension.
 
-    def __init__(self, url: str, timeout_s: float = 60.0) -> None:
+    With ``shared_memory_bytes``, inputs go through a POSIX shared-memory region of that size
+    instead (the system shared memory extension, for a client on the server's machine): the
+    client makes and registers the region on its first call, writes each query's tensors into
+    it, and sends only their names and places; :meth:`close` unregisters and removes it."""
+
+    def __init__(self, url: str, timeout_s: float = 60.0, shared_memory_bytes: int = 0) -> None:
         host, _, port = url.rpartition(":")
         self._conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=timeout_s)
+        self._shm_bytes = shared_memory_bytes
+        self._shm: SharedMemory | None = None
 
     def infer(self, model: str, config: ModelConfig, batch: Batch) -> np.ndarray:
+        if self._shm_bytes:
+            return self._infer_shm(model, config, batch)
         inputs, blobs = [], []
         for name, datatype, shape, data in batch_tensors(batch, config):
             inputs.append(
@@ -76,6 +88,45 @@ class HTTPClient:
                 }
             )
             blobs.append(data)
+        return self._send_infer(model, inputs, blobs)
+
+    def _infer_shm(self, model: str, config: ModelConfig, batch: Batch) -> np.ndarray:
+        region = self._region()
+        buf = np.frombuffer(region.buf, np.uint8)
+        inputs, pos = [], 0
+        for name, datatype, shape, data in batch_tensors(batch, config):
+            n = data.nbytes
+            if pos + n > buf.size:
+                raise ValueError(f"the query needs more than {buf.size} bytes of shared memory")
+            buf[pos : pos + n] = np.frombuffer(data, np.uint8)
+            params = {"shared_memory_region": region.name, "shared_memory_byte_size": n}
+            if pos:
+                params["shared_memory_offset"] = pos
+            inputs.append(
+                {"name": name, "datatype": datatype, "shape": shape, "parameters": params}
+            )
+            pos += n + (-n % 64)
+        del buf
+        return self._send_infer(model, inputs, [])
+
+    def _region(self) -> SharedMemory:
+        if self._shm is None:
+            region = SharedMemory(f"recserve_{os.getpid()}_{id(self):x}", create=True,
+                                  size=self._shm_bytes)  # fmt: skip
+            body = json.dumps({"key": "/" + region.name, "byte_size": self._shm_bytes}).encode()
+            status, _, answer = self._post(
+                f"/v2/systemsharedmemory/region/{region.name}/register",
+                [body],
+                {"Content-Type": "application/json", "Content-Length": str(len(body))},
+            )
+            if status != 200:
+                region.close()
+                region.unlink()
+                raise InferError(status, json.loads(answer).get("error", ""))
+            self._shm = region
+        return self._shm
+
+    def _send_infer(self, model: str, inputs: list[dict[str, Any]], blobs: list[Any]) -> np.ndarray:
         request = {
             "inputs": inputs,
             "outputs": [{"name": OUTPUT, "parameters": {"binary_data": True}}],
@@ -104,6 +155,14 @@ class HTTPClient:
         return response.status, json.loads(body) if body else None
 
     def close(self) -> None:
+        if self._shm is not None:
+            region, self._shm = self._shm, None
+            with contextlib.suppress(OSError, ConnectionError, http.client.HTTPException):
+                path = f"/v2/systemsharedmemory/region/{region.name}/unregister"
+                self._post(path, [], {"Content-Length": "0"})
+            region.close()
+            with contextlib.suppress(FileNotFoundError):
+                region.unlink()
         self._conn.close()
 
     def _post(

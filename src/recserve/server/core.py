@@ -20,11 +20,17 @@ from recserve.server.repository import (
     local_engine_factory,
 )
 from recserve.server.settings import ServerSettings
+from recserve.server.shm import SystemSharedMemory
 from recserve.types import Batch
 
 T = TypeVar("T")
 
-EXTENSIONS = ("binary_tensor_data", "model_repository", "model_configuration")
+EXTENSIONS = (
+    "binary_tensor_data",
+    "model_repository",
+    "model_configuration",
+    "system_shared_memory",
+)
 
 
 class ServerCore:
@@ -44,6 +50,8 @@ class ServerCore:
         self.repository = ModelRepository(
             settings.repository, settings.serving, self.metrics, self.executor, engine_factory
         )
+        self.shared_memory = SystemSharedMemory()
+        """Registered system shared memory regions (front ends read the same registry)."""
         self.ready = False
         """Ready for requests: start-up loading done, not shutting down."""
         self.draining = False
@@ -83,3 +91,4 @@ class ServerCore:
     async def close(self) -> None:
         await self.repository.close()
         self.executor.shutdown(wait=True)
+        self.shared_memory.close()

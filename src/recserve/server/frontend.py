@@ -132,6 +132,7 @@ class FrontendHub:
                 spec = FrontendSpec(
                     index, path, self.settings, http_port is not None, grpc_port,
                     private_http, private_grpc, theirs, self._arenas,
+                    self.core.shared_memory.folder,
                 )  # fmt: skip
                 self._specs.append(spec)
                 self.processes.append(_spawn(spec))

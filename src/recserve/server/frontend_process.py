@@ -39,6 +39,7 @@ from recserve.server.errors import (
 )
 from recserve.server.protocol import ModelSignature
 from recserve.server.settings import ServerSettings
+from recserve.server.shm import SystemSharedMemory
 from recserve.types import Batch
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,8 @@ class FrontendSpec:
     handoff: socket.socket | None = None
     arena_dir: str | None = None
     """Where to create the shared-memory arena requests' arrays go through."""
+    shm_registry: str | None = None
+    """The server's registry of system shared memory regions (:mod:`recserve.server.shm`)."""
 
 
 @dataclass
@@ -228,9 +231,16 @@ class FrontendCore:
     :class:`~recserve.server.core.ServerCore`): decode here, infer in the server process, or
     in the model's engine process when it has one."""
 
-    def __init__(self, settings: ServerSettings, arena: ipc.Arena | None = None) -> None:
+    def __init__(
+        self,
+        settings: ServerSettings,
+        arena: ipc.Arena | None = None,
+        shm_registry: str | None = None,
+    ) -> None:
         self.settings = settings
         self.arena = arena
+        self.shared_memory = SystemSharedMemory(shm_registry)
+        """The server's registered shared memory regions (read here, written by the server)."""
         self.metrics = _RemoteMetrics(self)
         self.executor = concurrent.futures.ThreadPoolExecutor(
             settings.decode_threads, thread_name_prefix="recserve-decode"
@@ -397,6 +407,7 @@ class FrontendCore:
         for channel in self._engines.values():
             channel.close()
         self.executor.shutdown(wait=False)
+        self.shared_memory.close()
         if self.arena is not None:
             self.arena.close()
             with contextlib.suppress(OSError):
@@ -427,7 +438,7 @@ async def _serve_frontend(spec: FrontendSpec, selector: PollingSelector | None =
     if spec.arena_dir is not None:
         path = os.path.join(spec.arena_dir, f"arena-{spec.index}-{os.getpid()}")
         arena = ipc.Arena(path, max(16 << 20, 2 * settings.max_body_bytes))
-    core = FrontendCore(settings, arena)
+    core = FrontendCore(settings, arena, spec.shm_registry)
     if selector is not None:
         selector.busy = lambda: core.outstanding > 0
     await core.connect(spec.ipc_path)

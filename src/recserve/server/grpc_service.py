@@ -28,6 +28,7 @@ from tritonclient.grpc import model_config_pb2, service_pb2
 from recserve.server.core import ServerCore
 from recserve.server.errors import InvalidArgument, ServerError, internal
 from recserve.server.grpc_wire import split_infer_request
+from recserve.server.http_codec import shm_source
 from recserve.server.protocol import (
     ModelSignature,
     Staging,
@@ -40,6 +41,7 @@ from recserve.types import Batch
 
 if TYPE_CHECKING:
     from recserve.server.frontend_process import FrontendCore
+    from recserve.server.shm import SystemSharedMemory
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -53,8 +55,19 @@ SERVICE = "inference.GRPCInferenceService"
 RPCS = (
     "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelConfig",
     "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload",
+    "SystemSharedMemoryStatus", "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister",
 )  # fmt: skip
 """RPCs with protobuf requests; ``ModelInfer`` comes on top, with its request as bytes."""
+
+
+def _shm_params(params: Any, name: str) -> tuple[str, int, int] | None:
+    """``(region, offset, byte_size)`` of a tensor placed in shared memory by its parameters
+    (a protobuf ``map<string, InferParameter>``), else None."""
+    if "shared_memory_region" not in params:
+        return None
+    values = {k: getattr(v, v.WhichOneof("parameter_choice") or "bool_param") for k, v in
+              params.items()}  # fmt: skip
+    return shm_source(values, name)
 
 
 def decode_infer_request(
@@ -62,10 +75,28 @@ def decode_infer_request(
     raw: Sequence[bytes | memoryview],
     signature: ModelSignature,
     out: Staging | None = None,
+    shm: SystemSharedMemory | None = None,
 ) -> tuple[Batch, list[str]]:
     """The batch of a ModelInferRequest (raw contents apart) and the outputs it asks for (the
-    common layout's arrays written where ``out`` says, when given)."""
-    raw = raw or request.raw_input_contents
+    common layout's arrays written where ``out`` says, when given). Inputs placed in a
+    registered shared memory region are read from ``shm``; ``raw_input_contents`` then holds
+    one entry per other input, in order."""
+    raw = list(raw or request.raw_input_contents)
+    sources = [_shm_params(t.parameters, t.name) for t in request.inputs]
+    if any(sources):
+        if shm is None:
+            raise InvalidArgument("this endpoint takes no shared memory")
+        if raw and len(raw) != sum(src is None for src in sources):
+            raise InvalidArgument(
+                f"raw_input_contents has {len(raw)} entries for "
+                f"{sum(src is None for src in sources)} inputs not in shared memory"
+            )
+        it = iter(raw)
+        if raw or all(sources):
+            raw = [
+                shm.view(*src, t.name) if src is not None else next(it)
+                for t, src in zip(request.inputs, sources, strict=True)
+            ]
     if raw and len(raw) != len(request.inputs):
         raise InvalidArgument(
             f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs "
@@ -190,6 +221,35 @@ class KServeServicer:
         return service_pb2.RepositoryModelUnloadResponse()
 
     @_rpc
+    @_rpc
+    async def SystemSharedMemoryStatus(
+        self, request: Any, context: Any
+    ) -> service_pb2.SystemSharedMemoryStatusResponse:
+        response = service_pb2.SystemSharedMemoryStatusResponse()
+        for r in self.core.shared_memory.status(request.name or None):
+            response.regions[r.name].CopyFrom(
+                service_pb2.SystemSharedMemoryStatusResponse.RegionStatus(
+                    name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size
+                )
+            )
+        return response
+
+    @_rpc
+    async def SystemSharedMemoryRegister(
+        self, request: Any, context: Any
+    ) -> service_pb2.SystemSharedMemoryRegisterResponse:
+        self.core.shared_memory.register(
+            request.name, request.key, request.offset, request.byte_size
+        )
+        return service_pb2.SystemSharedMemoryRegisterResponse()
+
+    @_rpc
+    async def SystemSharedMemoryUnregister(
+        self, request: Any, context: Any
+    ) -> service_pb2.SystemSharedMemoryUnregisterResponse:
+        self.core.shared_memory.unregister(request.name or None)
+        return service_pb2.SystemSharedMemoryUnregisterResponse()
+
     async def ModelInfer(self, data: bytes, context: Any) -> service_pb2.ModelInferResponse:
         start = time.perf_counter()
         core = self.core
@@ -202,8 +262,10 @@ class KServeServicer:
         metrics = core.metrics.for_request(served.name, "grpc")
         staging = core.staging()
         try:
+            shm = core.shared_memory
+            targets = {o.name: _shm_params(o.parameters, o.name) for o in request.outputs}
             batch, outputs = await core.decode(
-                len(data), decode_infer_request, request, raw, served.signature, staging
+                len(data), decode_infer_request, request, raw, served.signature, staging, shm
             )
             result = await core.infer(served, batch, staging)
             scores = result.scores.numpy()
@@ -211,8 +273,17 @@ class KServeServicer:
                 model_name=served.name, model_version=VERSION, id=request.id
             )
             for name in outputs:
-                response.outputs.add(name=name, datatype="FP32", shape=list(scores.shape))
-                response.raw_output_contents.append(scores.tobytes())
+                meta = response.outputs.add(name=name, datatype="FP32", shape=list(scores.shape))
+                target = targets.get(name)
+                if target is None:
+                    response.raw_output_contents.append(scores.tobytes())
+                    continue
+                raw_scores = scores.tobytes()
+                shm.write(target[0], target[1], raw_scores, target[2], name)
+                meta.parameters["shared_memory_region"].string_param = target[0]
+                meta.parameters["shared_memory_byte_size"].int64_param = len(raw_scores)
+                if target[1]:
+                    meta.parameters["shared_memory_offset"].int64_param = target[1]
         except ServerError as e:
             metrics.failure(e.reason)
             raise

@@ -11,6 +11,9 @@ GET      ``/v2/models/{name}/config``            Triton-style model configuratio
 POST     ``/v2/models/{name}/infer``             inference (JSON or binary tensor data)
 POST     ``/v2/repository/index``                models in the repository and their state
 POST     ``/v2/repository/models/{name}/load``   load or reload; ``.../unload`` to unload
+GET      ``/v2/systemsharedmemory/status``       registered regions (``/region/{name}/status``)
+POST     ``/v2/systemsharedmemory/region/{name}/register``  ``{"key", "offset", "byte_size"}``
+POST     ``/v2/systemsharedmemory/region/{name}/unregister``  (``/unregister``: all of them)
 GET      ``/metrics``                            Prometheus text format
 =======  ======================================  ==========================================
 
@@ -23,6 +26,7 @@ import logging
 import time
 import zlib
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -36,6 +40,7 @@ from recserve.server.http_codec import (
     HEADER_LENGTH,
     decode_infer_request,
     encode_infer_response,
+    load_json_object,
     parse_header_length,
 )
 from recserve.server.metrics import CONTENT_TYPE
@@ -75,6 +80,13 @@ def build_app(core: ServerCore | FrontendCore, proxy: str | None = None) -> web.
     router.add_post("/v2/repository/index", h.repository_index)
     router.add_post("/v2/repository/models/{name}/load", h.load)
     router.add_post("/v2/repository/models/{name}/unload", h.unload)
+    shm = "/v2/systemsharedmemory"
+    router.add_get(shm + "/status", h.shm_status)
+    router.add_get(shm + "/region/{name}/status", h.shm_status)
+    router.add_post(shm + "/region/{name}/register", h.shm_register)
+    router.add_post(shm + "/region/{name}/unregister", h.shm_unregister)
+    router.add_post(shm + "/unregister", h.shm_unregister)
+    router.add_route("*", "/v2/cudasharedmemory/{tail:.*}", h.cuda_shm)
     router.add_get("/metrics", h.metrics)
     return app
 
@@ -136,6 +148,27 @@ class _Handlers:
         await self.core.repository.unload(request.match_info["name"])
         return web.json_response({})
 
+    async def shm_status(self, request: web.Request) -> web.Response:
+        regions = self.core.shared_memory.status(request.match_info.get("name"))
+        return web.json_response([asdict(r) for r in regions])
+
+    async def shm_register(self, request: web.Request) -> web.Response:
+        body = load_json_object(await _read_body(request, self.core.settings.max_body_bytes))
+        self.core.shared_memory.register(
+            request.match_info["name"],
+            body.get("key"),
+            body.get("offset", 0),
+            body.get("byte_size"),
+        )
+        return web.json_response({})
+
+    async def shm_unregister(self, request: web.Request) -> web.Response:
+        self.core.shared_memory.unregister(request.match_info.get("name"))
+        return web.json_response({})
+
+    async def cuda_shm(self, request: web.Request) -> web.Response:
+        raise InvalidArgument("CUDA shared memory is not supported; use system shared memory")
+
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self.core.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
@@ -155,12 +188,19 @@ class _Handlers:
         try:
             body = await _read_body(request, core.settings.max_body_bytes)
             header_length = parse_header_length(request.headers.get(HEADER_LENGTH), len(body))
+            shm = core.shared_memory
             decoded = await core.decode(
-                len(body), decode_infer_request, body, header_length, served.signature, staging
+                len(body),
+                decode_infer_request,
+                body,
+                header_length,
+                served.signature,
+                staging,
+                shm,
             )
             result = await core.infer(served, decoded.batch, staging)
             payload, json_size = encode_infer_response(
-                served.name, VERSION, decoded, result.scores.numpy()
+                served.name, VERSION, decoded, result.scores.numpy(), shm
             )
         except ServerError as e:
             metrics.failure(e.reason)
