@@ -233,3 +233,25 @@ def test_recserve_http_client_sends_inputs_through_shared_memory(
     finally:
         small.close()
     assert status.get_system_shared_memory_status() == []
+
+
+def test_some_inputs_in_shared_memory_and_the_rest_in_the_request(
+    client: Any, models: dict[str, RecModel], regions: Regions
+) -> None:
+    """Dense features in the request, ids in a region: each input read from where it is
+    (gRPC's raw_input_contents then hold only the inputs not in shared memory)."""
+    from server_helpers import triton_inputs
+
+    module = PROTOCOLS["http" if isinstance(client, httpclient.InferenceServerClient) else "grpc"]
+    model = models["dlrm-rmc2"]
+    batch = query(model.config, 5, seed=9)
+    need = _nbytes(batch, model.config)
+    region, key, handle = regions.make(need)
+    client.register_system_shared_memory(region, key, need)
+    in_shm = _shm_inputs(module, batch, model.config, region, handle)
+    plain = triton_inputs(module, batch, model.config)
+    mixed = [plain[0], *in_shm[1:]]  # dense in the request
+    result = client.infer("dlrm-rmc2", mixed)
+    np.testing.assert_allclose(
+        result.as_numpy("scores"), reference(model, batch), rtol=1e-5, atol=1e-6
+    )
