@@ -704,11 +704,11 @@ def summarize(
         "grpc_p50_overhead_ms_wnd256": get("wnd", "grpc", "overhead_ms"),
         "http_overhead_frac_rmc2_256": get("dlrm-rmc2", "http", "overhead_frac"),
         "grpc_overhead_frac_rmc2_256": get("dlrm-rmc2", "grpc", "overhead_frac"),
-        # not target keys: the same over HTTP with the inputs in system shared memory
-        "http_shm_p50_overhead_ms_wnd256": get("wnd", "http_shm", "overhead_ms"),
-        "http_shm_overhead_frac_rmc2_256": get("dlrm-rmc2", "http_shm", "overhead_frac"),
         "server_vs_inprocess_qps_frac": min(
             saturation["http"]["vs_inprocess"], saturation["grpc"]["vs_inprocess"]
         ),
         "soak_memory_growth_frac": soak_result["rss_growth_frac"],
+        # not target keys: the same over HTTP with the inputs in system shared memory
+        "http_shm_p50_overhead_ms_wnd256": get("wnd", "http_shm", "overhead_ms"),
+        "http_shm_overhead_frac_rmc2_256": get("dlrm-rmc2", "http_shm", "overhead_frac"),
     }

@@ -221,7 +221,6 @@ class KServeServicer:
         return service_pb2.RepositoryModelUnloadResponse()
 
     @_rpc
-    @_rpc
     async def SystemSharedMemoryStatus(
         self, request: Any, context: Any
     ) -> service_pb2.SystemSharedMemoryStatusResponse:
@@ -250,6 +249,7 @@ class KServeServicer:
         self.core.shared_memory.unregister(request.name or None)
         return service_pb2.SystemSharedMemoryUnregisterResponse()
 
+    @_rpc
     async def ModelInfer(self, data: bytes, context: Any) -> service_pb2.ModelInferResponse:
         start = time.perf_counter()
         core = self.core
