@@ -29,17 +29,22 @@ def _in_region(batch: Batch, data: np.ndarray, keys: tuple[str, ...]) -> Batch:
     return Batch(views[0], sparse)
 
 
-def test_shared_queries_are_read_in_place_until_unshared(tmp_path: Path) -> None:
-    model = build_model("wnd", "tiny", seed=4)
-    sched = SchedConfig(sub_batch_size=None, gpu_threshold=0, gpu_max_batch=1)
-    config = EngineConfig(sched=sched, cpu_workers=0, device="cpu", max_query_items=32)
-    path, size = tmp_path / "region", 1 << 20
+def _shared_file(path: Path, size: int) -> tuple[mmap.mmap, np.ndarray]:
+    """A file of ``size`` bytes mapped here (as a front end's arena is), and its bytes."""
     with open(path, "wb") as f:
         f.truncate(size)
     fd = os.open(path, os.O_RDWR)
     mapping = mmap.mmap(fd, size)
     os.close(fd)
-    data = np.frombuffer(mapping, np.uint8)
+    return mapping, np.frombuffer(mapping, np.uint8)
+
+
+def test_shared_queries_are_read_in_place_until_unshared(tmp_path: Path) -> None:
+    model = build_model("wnd", "tiny", seed=4)
+    sched = SchedConfig(sub_batch_size=None, gpu_threshold=0, gpu_max_batch=1)
+    config = EngineConfig(sched=sched, cpu_workers=0, device="cpu", max_query_items=32)
+    path, size = tmp_path / "region", 1 << 20
+    mapping, data = _shared_file(path, size)
     factory = QueryFactory(model.config, seed=5, jitter=True)
     with RecEngine(model, config) as engine:
         keys = engine.keys
@@ -71,12 +76,7 @@ def test_shared_queries_queued_together_are_joined_by_the_runner(tmp_path: Path)
         sched=sched, cpu_workers=0, device="cpu", max_query_items=32, gpu_max_inflight=1
     )
     path, size = tmp_path / "region", 1 << 22
-    with open(path, "wb") as f:
-        f.truncate(size)
-    fd = os.open(path, os.O_RDWR)
-    mapping = mmap.mmap(fd, size)
-    os.close(fd)
-    data = np.frombuffer(mapping, np.uint8)
+    mapping, data = _shared_file(path, size)
     factory = QueryFactory(model.config, seed=7, jitter=True)
     with RecEngine(model, config) as engine:
         keys = engine.keys
