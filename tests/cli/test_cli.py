@@ -122,7 +122,7 @@ def test_tune_prints_the_chosen_schedule(workers: int, capsys: pytest.CaptureFix
     runner alone, here its CPU stand-in) the coalescing cap and delay, from T = 0."""
     args = ["tune", "--model", "ncf", "--preset", "tiny", "--p95", "200ms", "--json"]
     args += ["--workers", str(workers), "--device", "none" if workers else "cpu"]
-    args += ["--probe-seconds", "0.05", "--min-queries", "20"]
+    args += ["--probe-seconds", "0.05", "--min-queries", "20", "--sizes", "fixed:16"]
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["qps"] > 0 and result["probes"] > 0
