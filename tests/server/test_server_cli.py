@@ -119,7 +119,7 @@ def test_bench_server_writes_summary_first(tmp_path: Path, engine: str) -> None:
     assert data["soak"]["client_threads"] >= data["soak"]["target_qps"] * SOAK_HEADROOM_S
     assert data["shutdown"]["returncode"] == 0 and data["options"]["frontends"] == 1
     for name in ("wnd", "dlrm-rmc2"):
-        for proto in ("http", "grpc", "http_shm"):  # http_shm: inputs in shared memory
+        for proto in ("http", "grpc", "http_shm", "grpc_shm"):  # *_shm: inputs in shared memory
             assert data["latency"][name][proto]["max_abs_diff_vs_inprocess"] < 1e-5
     saturation = data["saturation"]
     assert [lv["callers"] for lv in saturation["levels"]] == [1, 3]

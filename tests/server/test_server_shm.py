@@ -204,15 +204,21 @@ def test_the_registry_is_shared_through_its_folder(tmp_path: Any) -> None:
     assert not os.path.exists(server.folder)
 
 
-def test_recserve_http_client_sends_inputs_through_shared_memory(
-    server: ServerThread, models: dict[str, RecModel]
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_recserve_clients_send_inputs_through_shared_memory(
+    server: ServerThread, models: dict[str, RecModel], protocol: str
 ) -> None:
-    """``HTTPClient(shared_memory_bytes=...)`` makes and registers a region on its first call,
-    answers like the model, and removes the region on close."""
-    from recserve.server.client import HTTPClient
+    """``HTTPClient`` / ``GRPCClient(shared_memory_bytes=...)`` make and register a region on
+    their first call, answer like the model, and remove the region on close."""
+    from recserve.server.client import GRPCClient, HTTPClient
+
+    def make(nbytes: int) -> Any:
+        if protocol == "http":
+            return HTTPClient(server.http_url, shared_memory_bytes=nbytes)
+        return GRPCClient(server.grpc_url, shared_memory_bytes=nbytes)
 
     model = models["dlrm-rmc2"]
-    client = HTTPClient(server.http_url, shared_memory_bytes=1 << 20)
+    client = make(1 << 20)
     try:
         for seed in (1, 2):
             batch = query(model.config, 6, seed=seed)
@@ -226,7 +232,7 @@ def test_recserve_http_client_sends_inputs_through_shared_memory(
         client.close()
     assert status.get_system_shared_memory_status() == []
     assert not os.path.exists("/dev/shm/" + region.name)
-    small = HTTPClient(server.http_url, shared_memory_bytes=64)
+    small = make(64)
     try:
         with pytest.raises(ValueError, match="more than 64 bytes"):
             small.infer("dlrm-rmc2", model.config, query(model.config, 6))

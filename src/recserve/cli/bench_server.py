@@ -152,13 +152,13 @@ def print_report(result: dict[str, Any], console: Console | None = None) -> None
     console = console or Console()
     latency = Table(title="p50 latency (ms) of one query at a time")
     for col in ("model", "in-process", "HTTP", "gRPC", "HTTP overhead", "gRPC overhead",
-                "HTTP + shared memory overhead"):  # fmt: skip
+                "HTTP + shared memory overhead", "gRPC + shared memory overhead"):  # fmt: skip
         latency.add_column(col, justify="left" if col == "model" else "right")
     for model, r in result["latency"].items():
         cells = [f"{r[p]['p50_ms']:.2f}" for p in SIDES]
         cells += [
             f"{r[p]['overhead_ms']:+.2f} ({r[p]['overhead_frac']:+.0%})" if p in r else ""
-            for p in (*SIDES[1:], "http_shm")
+            for p in (*SIDES[1:], "http_shm", "grpc_shm")
         ]
         latency.add_row(model, *cells)
     console.print(latency)

@@ -596,13 +596,15 @@ def measure_latency(engine: InferenceEngine, server: ServerProcess, name: str, q
     # HTTP with the inputs in system shared memory (the client writes each query there)
     room = max(sum(d.nbytes + 64 for *_, d in batch_tensors(q, config)) for q in queries)
     http_shm = HTTPClient(server.http_url, shared_memory_bytes=room)
+    grpc_shm = GRPCClient(server.grpc_url, shared_memory_bytes=room)
     calls: dict[str, Callable[[Batch], Any]] = {
         "inprocess": lambda b: engine.submit(b).result(),
         "http": lambda b: http.infer(name, config, b),
         "grpc": lambda b: grpc_client.infer(name, config, b),
         "http_shm": lambda b: http_shm.infer(name, config, b),
+        "grpc_shm": lambda b: grpc_shm.infer(name, config, b),
     }
-    remote = ("http", "grpc", "http_shm")
+    remote = ("http", "grpc", "http_shm", "grpc_shm")
     expected = engine.submit(queries[0]).result().numpy()
     diffs = {p: float(np.abs(calls[p](queries[0]) - expected).max()) for p in remote}
     samples: dict[str, list[float]] = {p: [] for p in calls}
@@ -613,6 +615,7 @@ def measure_latency(engine: InferenceEngine, server: ServerProcess, name: str, q
     http.close()
     grpc_client.close()
     http_shm.close()
+    grpc_shm.close()
     checks = timed(lambda b: validate_batch(b, config), queries, per_round, 2)
     result: dict[str, Any] = {p: percentiles(v) for p, v in samples.items()}
     base = result["inprocess"]["p50_ms"]
@@ -711,4 +714,6 @@ def summarize(
         # not target keys: the same over HTTP with the inputs in system shared memory
         "http_shm_p50_overhead_ms_wnd256": get("wnd", "http_shm", "overhead_ms"),
         "http_shm_overhead_frac_rmc2_256": get("dlrm-rmc2", "http_shm", "overhead_frac"),
+        "grpc_shm_p50_overhead_ms_wnd256": get("wnd", "grpc_shm", "overhead_ms"),
+        "grpc_shm_overhead_frac_rmc2_256": get("dlrm-rmc2", "grpc_shm", "overhead_frac"),
     }

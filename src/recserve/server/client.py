@@ -60,6 +60,44 @@ def batch_tensors(
         yield f"{key}.{OFFSETS}", "INT64", [b + 1], (o - lo).view(np.uint8).data
 
 
+class _ClientRegion:
+    """A client's POSIX shared-memory region for its inputs (system shared memory)."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.shm = SharedMemory(f"recserve_{os.getpid()}_{id(self):x}", create=True, size=nbytes)
+        self.name = self.shm.name
+        self.key = "/" + self.shm.name
+        self.nbytes = nbytes
+
+    def place(self, batch: Batch, config: ModelConfig) -> list[tuple[str, str, list[int], dict]]:
+        """Write ``batch``'s tensors into the region: ``(name, datatype, shape, parameters)``
+        of each input, the parameters naming where it is."""
+        buf = np.frombuffer(self.shm.buf, np.uint8)
+        out, pos = [], 0
+        try:
+            for name, datatype, shape, data in batch_tensors(batch, config):
+                n = data.nbytes
+                if pos + n > buf.size:
+                    raise ValueError(f"the query needs more than {buf.size} bytes of shared memory")
+                buf[pos : pos + n] = np.frombuffer(data, np.uint8)
+                params: dict[str, Any] = {
+                    "shared_memory_region": self.name,
+                    "shared_memory_byte_size": n,
+                }
+                if pos:
+                    params["shared_memory_offset"] = pos
+                out.append((name, datatype, shape, params))
+                pos += n + (-n % 64)
+        finally:
+            del buf
+        return out
+
+    def remove(self) -> None:
+        self.shm.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.shm.unlink()
+
+
 class HTTPClient:
     """KServe v2 HTTP/REST with the binary tensor data extension.
 
@@ -72,7 +110,7 @@ class HTTPClient:
         host, _, port = url.rpartition(":")
         self._conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=timeout_s)
         self._shm_bytes = shared_memory_bytes
-        self._shm: SharedMemory | None = None
+        self._shm: _ClientRegion | None = None
 
     def infer(self, model: str, config: ModelConfig, batch: Batch) -> np.ndarray:
         if self._shm_bytes:
@@ -91,37 +129,23 @@ class HTTPClient:
         return self._send_infer(model, inputs, blobs)
 
     def _infer_shm(self, model: str, config: ModelConfig, batch: Batch) -> np.ndarray:
-        region = self._region()
-        buf = np.frombuffer(region.buf, np.uint8)
-        inputs, pos = [], 0
-        for name, datatype, shape, data in batch_tensors(batch, config):
-            n = data.nbytes
-            if pos + n > buf.size:
-                raise ValueError(f"the query needs more than {buf.size} bytes of shared memory")
-            buf[pos : pos + n] = np.frombuffer(data, np.uint8)
-            params = {"shared_memory_region": region.name, "shared_memory_byte_size": n}
-            if pos:
-                params["shared_memory_offset"] = pos
-            inputs.append(
-                {"name": name, "datatype": datatype, "shape": shape, "parameters": params}
-            )
-            pos += n + (-n % 64)
-        del buf
+        placed = self._region().place(batch, config)
+        inputs = [
+            {"name": n, "datatype": d, "shape": sh, "parameters": p} for n, d, sh, p in placed
+        ]
         return self._send_infer(model, inputs, [])
 
-    def _region(self) -> SharedMemory:
+    def _region(self) -> _ClientRegion:
         if self._shm is None:
-            region = SharedMemory(f"recserve_{os.getpid()}_{id(self):x}", create=True,
-                                  size=self._shm_bytes)  # fmt: skip
-            body = json.dumps({"key": "/" + region.name, "byte_size": self._shm_bytes}).encode()
+            region = _ClientRegion(self._shm_bytes)
+            body = json.dumps({"key": region.key, "byte_size": region.nbytes}).encode()
             status, _, answer = self._post(
                 f"/v2/systemsharedmemory/region/{region.name}/register",
                 [body],
                 {"Content-Type": "application/json", "Content-Length": str(len(body))},
             )
             if status != 200:
-                region.close()
-                region.unlink()
+                region.remove()
                 raise InferError(status, json.loads(answer).get("error", ""))
             self._shm = region
         return self._shm
@@ -160,9 +184,7 @@ class HTTPClient:
             with contextlib.suppress(OSError, ConnectionError, http.client.HTTPException):
                 path = f"/v2/systemsharedmemory/region/{region.name}/unregister"
                 self._post(path, [], {"Content-Length": "0"})
-            region.close()
-            with contextlib.suppress(FileNotFoundError):
-                region.unlink()
+            region.remove()
         self._conn.close()
 
     def _post(
@@ -205,9 +227,14 @@ def send_buffers(sock: socket.socket, buffers: list[Any]) -> None:
 
 class GRPCClient:
     """KServe v2 gRPC with ``raw_input_contents``, serialized with one copy of the tensors
-    (:func:`~recserve.server.grpc_wire.join_infer_request`)."""
+    (:func:`~recserve.server.grpc_wire.join_infer_request`). ``shared_memory_bytes``: inputs
+    through a system shared memory region instead, as for :class:`HTTPClient`."""
 
-    def __init__(self, url: str, max_message_bytes: int = 256 << 20) -> None:
+    def __init__(
+        self, url: str, max_message_bytes: int = 256 << 20, shared_memory_bytes: int = 0
+    ) -> None:
+        self._shm_bytes = shared_memory_bytes
+        self._shm: _ClientRegion | None = None
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -225,15 +252,45 @@ class GRPCClient:
     ) -> np.ndarray:
         request = service_pb2.ModelInferRequest(model_name=model)
         raw = []
-        for name, datatype, shape, data in batch_tensors(batch, config):
-            request.inputs.add(name=name, datatype=datatype, shape=shape)
-            raw.append(data)
         try:
+            if self._shm_bytes:
+                for name, datatype, shape, params in self._region().place(batch, config):
+                    tensor = request.inputs.add(name=name, datatype=datatype, shape=shape)
+                    tensor.parameters["shared_memory_region"].string_param = params[
+                        "shared_memory_region"
+                    ]
+                    for key in ("shared_memory_byte_size", "shared_memory_offset"):
+                        if key in params:
+                            tensor.parameters[key].int64_param = params[key]
+            else:
+                for name, datatype, shape, data in batch_tensors(batch, config):
+                    request.inputs.add(name=name, datatype=datatype, shape=shape)
+                    raw.append(data)
             response = self._infer(join_infer_request(request, raw), timeout=timeout_s)
         except grpc.RpcError as e:
             raise InferError(e.code().name, e.details() or "") from None
         shape = list(response.outputs[0].shape)
         return np.frombuffer(response.raw_output_contents[0], dtype="<f4").reshape(shape)
 
+    def _region(self) -> _ClientRegion:
+        if self._shm is None:
+            region = _ClientRegion(self._shm_bytes)
+            request = service_pb2.SystemSharedMemoryRegisterRequest(
+                name=region.name, key=region.key, byte_size=region.nbytes
+            )
+            try:
+                self._stub.SystemSharedMemoryRegister(request)
+            except BaseException:
+                region.remove()
+                raise
+            self._shm = region
+        return self._shm
+
     def close(self) -> None:
+        if self._shm is not None:
+            region, self._shm = self._shm, None
+            with contextlib.suppress(grpc.RpcError):
+                request = service_pb2.SystemSharedMemoryUnregisterRequest(name=region.name)
+                self._stub.SystemSharedMemoryUnregister(request, timeout=10)
+            region.remove()
         self._channel.close()
