@@ -12,6 +12,7 @@ from rich.table import Table
 from recserve.engine import EngineConfig, RecEngine
 from recserve.engine.config import SchedConfig, default_cpu_workers
 from recserve.engine.deeprecsched import (
+    GPU_CAPS,
     ProbePlan,
     default_grids,
     engine_measure,
@@ -80,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
             base = SchedConfig(sub_batch_size=None, gpu_threshold=0)
             grids = Grids(
                 sub_batch_size=(),
-                gpu_max_batch=(SchedConfig().gpu_max_batch, 512, 1),
+                gpu_max_batch=GPU_CAPS,
                 gpu_max_delay=(0.0, 0.5e-3, 1e-3, 2e-3),
             )
         else:

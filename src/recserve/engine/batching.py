@@ -13,8 +13,8 @@ import torch
 from recserve.types import Batch, KeyedJagged
 
 _PARALLEL_COPY = 1 << 17
-"""Ids from which a join without a :class:`Copier` copies with PyTorch (multi-threaded) rather
-than numpy (one core, but a few microseconds less per call)."""
+"""Ids from which a join into new tensors copies with PyTorch (multi-threaded) rather than
+numpy (one core, but a few microseconds less per call)."""
 
 
 class Copier:
@@ -90,6 +90,10 @@ def _copy_all(pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
         np.copyto(dst, src)
 
 
+_ONE_THREAD = Copier(1)
+"""What joins into buffers copy with when no :class:`Copier` is given."""
+
+
 @dataclass
 class HostBuffers:
     """Preallocated inputs of one batch (pinned on a GPU machine): ``dense [max_items,
@@ -133,15 +137,16 @@ def concat_batches(
     Written into ``out`` when given (it must be large enough); the result's ``offset_per_key``
     is filled on the host, so the batch can go to a GPU without a device sync later. Host
     batches are joined with numpy views: one slice per (feature, batch) and one cumulative sum
-    for all offsets, so joining costs microseconds, not a torch call per slice. With ``copier``
-    (and ``out``), the dense features and ids are copied by its threads.
+    for all offsets, so joining costs microseconds, not a torch call per slice. Into ``out``,
+    the dense features and ids are copied by ``copier``'s threads (the calling thread alone
+    when none is given).
     """
     sparses = [b.sparse if b.sparse.keys == keys else b.sparse.select(keys) for b in batches]
     total = sum(b.batch_size for b in batches)
     if len(batches) == 1:
         if out is None:
             return Batch(batches[0].dense, sparses[0])
-        return _copy_one(batches[0].dense, sparses[0], out, copier)
+        return _copy_one(batches[0].dense, sparses[0], out, copier or _ONE_THREAD)
     nf = len(keys)
     values = [_host(sp.values) for sp in sparses]
     offsets = [_host(sp.offsets) for sp in sparses]
@@ -158,21 +163,19 @@ def concat_batches(
         dense_out = torch.cat(dense)
         flat = torch.empty(n, dtype=torch.int64)
         joined = torch.empty(nf * total + 1, dtype=torch.int64)
+        if n >= _PARALLEL_COPY:  # megabytes of ids: PyTorch's copies use every core
+            torch.cat([torch.from_numpy(p) for p in pieces], out=flat)
+        else:
+            np.concatenate(pieces, out=flat.numpy())
     else:
         if not out.fits(total, n):
             raise ValueError(f"batch of {total} items and {n} ids does not fit the buffers")
         dense_out = out.dense[:total]
         flat = out.values[:n]
         joined = out.offsets[: nf * total + 1]
-        if copier is None:
-            torch.cat(dense, out=dense_out)
-    if out is not None and copier is not None:
-        copier.copy([*_pieces_into(dense_out.numpy(), [_host(d) for d in dense]),
-                     *_pieces_into(flat.numpy(), pieces)])  # fmt: skip
-    elif n >= _PARALLEL_COPY:  # megabytes of ids: PyTorch's copies use every core
-        torch.cat([torch.from_numpy(p) for p in pieces], out=flat)
-    else:
-        np.concatenate(pieces, out=flat.numpy())
+        pairs = _pieces_into(dense_out.numpy(), [_host(d) for d in dense])
+        pairs += _pieces_into(flat.numpy(), pieces)
+        (copier or _ONE_THREAD).copy(pairs)
     lengths = np.concatenate(
         [np.diff(o).reshape(nf, sp.batch_size) for o, sp in zip(offsets, sparses, strict=True)],
         axis=1,
@@ -203,29 +206,19 @@ def _pieces_into(
     return pairs
 
 
-def _copy_one(
-    dense: torch.Tensor, sparse: KeyedJagged, out: HostBuffers, copier: Copier | None = None
-) -> Batch:
+def _copy_one(dense: torch.Tensor, sparse: KeyedJagged, out: HostBuffers, copier: Copier) -> Batch:
     """One query into ``out``: its layout is already the batch's, so three flat copies."""
     b, n = sparse.batch_size, sparse.values.numel()
     if not out.fits(b, n):
         raise ValueError(f"batch of {b} items and {n} ids does not fit the buffers")
     head = len(sparse.keys) * b + 1
-    if copier is not None:
-        copier.copy(
-            [
-                (out.dense[:b].numpy(), _host(dense)),
-                (out.values[:n].numpy(), _host(sparse.values)),
-                (out.offsets[:head].numpy(), _host(sparse.offsets)),
-            ]
-        )
-    else:
-        np.copyto(out.dense[:b].numpy(), _host(dense))
-        if n >= _PARALLEL_COPY:
-            out.values[:n].copy_(sparse.values)
-        else:
-            np.copyto(out.values[:n].numpy(), _host(sparse.values))
-        np.copyto(out.offsets[:head].numpy(), _host(sparse.offsets))
+    copier.copy(
+        [
+            (out.dense[:b].numpy(), _host(dense)),
+            (out.values[:n].numpy(), _host(sparse.values)),
+            (out.offsets[:head].numpy(), _host(sparse.offsets)),
+        ]
+    )
     weights = sparse.weights
     if weights is not None:
         weights = torch.from_numpy(_host(weights).copy())

@@ -31,6 +31,10 @@ STATIC_GPU: dict[str, SchedConfig] = {
 """Every query sent alone to the GPU as it arrives: no splitting, no coalescing."""
 
 
+GPU_CAPS: tuple[int, ...] = (SchedConfig().gpu_max_batch, 512, 1)
+"""The coalescing caps climbed (items; 1: every GPU query alone)."""
+
+
 def default_grids(max_items: int, gpu: bool) -> Grids:
     """b as in DeepRecSys (powers of two up to the largest query), then T from high (little
     offloaded) to 0 (everything offloaded), then the coalescing cap (down to 1: no joining),
@@ -39,11 +43,10 @@ def default_grids(max_items: int, gpu: bool) -> Grids:
     if not gpu:
         return Grids(sub_batch_size=b)
     t = (*(x for x in (768, 512, 384, 256, 128, 64) if x < max_items), 0)
-    cap = SchedConfig().gpu_max_batch
     return Grids(
         sub_batch_size=b,
         gpu_threshold=t,
-        gpu_max_batch=(cap, 512, 1),
+        gpu_max_batch=GPU_CAPS,
         gpu_max_delay=(0.5e-3, 2e-3),
     )
 

@@ -202,6 +202,7 @@ class RecEngine:
                         config.gpu_kernels,
                         runner_buckets(runner_items),
                         ids_per_item,
+                        config.stage_threads,
                     ),
                     self._waker.wake,
                     stage_threads=config.stage_threads,

@@ -94,6 +94,8 @@ class RunnerSpec:
     kernels: str
     buckets: tuple[int, ...]
     ids_per_item: int
+    stage_threads: int = 4
+    """Threads that join shared queries into a slot in the runner (``EngineConfig``'s)."""
 
 
 def runner_buckets(top: int) -> tuple[int, ...]:
@@ -254,8 +256,7 @@ class GpuProcessRunner:
         where = [self._locate(q) for q in queries]
         if any(w is None for w in where):
             return None
-        batches = [q.batch for q in queries]
-        sizes = [(b.batch_size, b.sparse.values.numel()) for b in batches if b is not None]
+        sizes = [(q.batch.batch_size, q.batch.sparse.values.numel()) for q in queries]  # type: ignore[union-attr]
         b, n = sum(x for x, _ in sizes), sum(y for _, y in sizes)
         if len(queries) == 1:
             return _REQUEST.pack(slot, b, n, *where[0])  # type: ignore[misc]
@@ -549,7 +550,7 @@ def _inputs(
 
 
 def _cpu_loop(spec: RunnerSpec, sock: socket.socket, model: Any, arena: StagingArena) -> None:
-    regions, copier = _Regions(torch.device("cpu")), Copier()
+    regions, copier = _Regions(torch.device("cpu")), Copier(spec.stage_threads)
     try:
         while (r := _next_request(sock, regions)) is not None:
             error = None
@@ -594,7 +595,7 @@ class _CudaLoop:
     def run(self) -> None:
         done = threading.Thread(target=self._complete, name="recserve-gpu-done", daemon=True)
         done.start()
-        regions, copier = _Regions(self.device), Copier()
+        regions, copier = _Regions(self.device), Copier(self.spec.stage_threads)
         try:
             while (r := _next_request(self.sock, regions)) is not None:
                 try:

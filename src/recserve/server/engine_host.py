@@ -208,10 +208,10 @@ class _HostLink:
         elif op == "hello":
             if meta.get("arena"):
                 self.arena = ipc.Arena(meta["arena"], int(meta["arena_size"]), create=False)
-                # the GPU runner reads single-query batches from it in place
-                share = getattr(self.engine, "share_memory", None)
-                if share is not None:
-                    self.region = share(self.arena.path, self.arena.address, self.arena.size)
+                # the GPU runner reads (or joins) this front end's requests where they are
+                self.region = self.engine.share_memory(
+                    self.arena.path, self.arena.address, self.arena.size
+                )
         elif op == "stats":
             stats = {**self.engine.stats(), "torch_threads": torch.get_num_threads()}
             self.send({"id": meta["id"], "stats": _jsonable(stats)})
@@ -260,8 +260,7 @@ class _HostLink:
         self.listener.links.discard(self)
         with contextlib.suppress(OSError):
             self.sock.close()
-        if self.region is not None:
-            self.engine.unshare_memory(self.region)
+        self.engine.unshare_memory(self.region)
         if self.arena is not None:
             self.arena.close()
 
