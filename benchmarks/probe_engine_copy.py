@@ -60,17 +60,26 @@ def children(pid: int) -> list[int]:
     return out
 
 
-def drive(
-    host: EngineHost, arena: ipc.Arena, batches: list[Any], outstanding: int, seconds: float
-) -> dict[str, float]:
-    """Closed loop of ``outstanding`` requests from the arena for ``seconds``."""
-    replies: list[int] = []
-    proto = ipc.FrameProtocol(lambda meta, data: replies.append(meta["id"]))
+def place(arena: ipc.Arena, batches: list[Any]) -> list[tuple[dict[str, Any], Any]]:
+    """Each batch written into the arena once (every setting reads the same copies)."""
     placed = []
     for batch in batches:
         where = arena.write(batch_arrays(batch))
         assert where is not None, "arena too small"
         placed.append((infer_meta(batch), where))
+    return placed
+
+
+def drive(
+    host: EngineHost,
+    arena: ipc.Arena,
+    placed: list[tuple[dict[str, Any], Any]],
+    outstanding: int,
+    seconds: float,
+) -> dict[str, float]:
+    """Closed loop of ``outstanding`` requests from the arena for ``seconds``."""
+    replies: list[int] = []
+    proto = ipc.FrameProtocol(lambda meta, data: replies.append(meta["id"]))
     with socket.socket(socket.AF_UNIX) as sock:
         sock.connect(host.address)
 
@@ -148,6 +157,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="recserve-probe-", dir="/dev/shm") as tmp:
         arena = ipc.Arena(os.path.join(tmp, "arena"), max(1 << 24, 16 * request_bytes))
+        placed = place(arena, batches)
         for share in (False, True):
             sched = SchedConfig(sub_batch_size=None, gpu_threshold=0, gpu_max_batch=2048)
             config = EngineConfig(
@@ -161,7 +171,7 @@ def main() -> None:
             with EngineHost(model, config) as host:
                 for outstanding in args.outstanding:
                     row = {"share_inputs": share, "outstanding": outstanding}
-                    row |= drive(host, arena, batches, outstanding, args.seconds)
+                    row |= drive(host, arena, placed, outstanding, args.seconds)
                     rows.append(row)
                     print({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()})
         arena.close()

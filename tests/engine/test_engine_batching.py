@@ -83,17 +83,38 @@ def test_copier_spreads_bytes_evenly_and_keeps_order() -> None:
     try:
         sources = [np.arange(n, dtype=np.int64) for n in (1000, 10, 3000)]
         targets = [np.empty_like(s) for s in sources]
-        pairs = list(zip(targets, sources, strict=True))
-        groups = copier._split(pairs, sum(s.nbytes for s in sources))
+        jobs = [(t, [s]) for t, s in zip(targets, sources, strict=True)]
+        groups = copier._split(jobs, sum(s.nbytes for s in sources))
     finally:
         copier.close()
     assert len(groups) == 4
-    sizes = [sum(src.nbytes for _, src in g) for g in groups]
+    sizes = [sum(p.nbytes for _, parts in g for p in parts) for g in groups]
     assert max(sizes) - min(sizes) <= 8 * 4  # each group leaves less than one int64 over
-    flat = [src for g in groups for _, src in g]
+    for g in groups:  # each run's destination holds exactly its parts
+        assert all(dst.size == sum(p.size for p in parts) for dst, parts in g)
+    flat = [p for g in groups for _, parts in g for p in parts]
     np.testing.assert_array_equal(np.concatenate(flat), np.concatenate(sources))
 
 
 def test_copier_refuses_no_threads() -> None:
     with pytest.raises(ValueError, match="threads"):
         Copier(0)
+
+
+@pytest.mark.parametrize("threads", [1, 3, 8])
+def test_copier_joins_many_parts_into_each_destination(threads: int) -> None:
+    rng = np.random.default_rng(threads)
+    ids = [rng.integers(0, 1 << 40, int(n)) for n in rng.integers(0, 300, 60)]
+    dense = [rng.standard_normal((int(n), 6)).astype(np.float32) for n in (5, 0, 9, 3)]
+    dense[2] = np.ascontiguousarray(np.repeat(dense[2], 2, axis=1))[:, ::2]  # not contiguous
+    ids_out = np.full(sum(len(p) for p in ids) + 7, -1, dtype=np.int64)
+    dense_out = np.full((30, 6), np.nan, dtype=np.float32)
+    copier = Copier(threads, min_bytes=0)
+    try:
+        copier.join([(dense_out, dense), (ids_out, ids)])
+    finally:
+        copier.close()
+    np.testing.assert_array_equal(ids_out[:-7], np.concatenate(ids))
+    assert (ids_out[-7:] == -1).all()  # nothing written past the join
+    np.testing.assert_array_equal(dense_out[:17], np.concatenate(dense))
+    assert np.isnan(dense_out[17:]).all()

@@ -51,18 +51,19 @@ def test_shared_queries_are_read_in_place_until_unshared(tmp_path: Path) -> None
         plain = factory.make(9)
         plain = Batch(plain.dense, plain.sparse.select(keys))
         shared = _in_region(plain, data, keys)
+        askew = _in_region(plain, data[size // 2 + 4 :], keys)  # ids off their 8-byte grid
         with torch.inference_mode():
             expected = model(plain)
         handle = engine.share_memory(str(path), int(data.ctypes.data), size)
         assert handle is not None
-        for batch in (shared, plain, shared):
+        for batch in (shared, plain, shared, askew):
             torch.testing.assert_close(engine.submit(batch).result(60), expected)
-        assert engine.stats()["gpu_zero_copy_batches"] == 2  # the plain one was joined
+        assert engine.stats()["gpu_zero_copy_batches"] == 2  # plain and askew were copied
         engine.unshare_memory(handle)
         torch.testing.assert_close(engine.submit(shared).result(60), expected)
         assert engine.stats()["gpu_zero_copy_batches"] == 2  # joined again once unshared
-        assert engine.stats()["gpu_batches"] == 4
-    del shared, data
+        assert engine.stats()["gpu_batches"] == 5
+    del shared, askew, data
     with contextlib.suppress(BufferError):  # a view the engine still holds goes with it
         mapping.close()
 

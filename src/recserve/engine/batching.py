@@ -17,17 +17,24 @@ _PARALLEL_COPY = 1 << 17
 numpy (one core, but a few microseconds less per call)."""
 
 
+Join = tuple[np.ndarray, Sequence[np.ndarray]]
+"""``(dst, parts)``: ``parts`` laid back to back along ``dst``'s first axis, from its start."""
+
+
 class Copier:
-    """Copies of many arrays spread over a few threads (numpy releases the interpreter lock
+    """Joins of many arrays spread over a few threads (numpy releases the interpreter lock
     while it copies), for joins of megabytes: one core copies about 5 GB/s, and a GPU batch of
     dlrm-rmc1 queries is tens of megabytes of ids.
 
-    :meth:`copy` returns once every copy is done. Below ``min_bytes`` in all, or with one
-    thread, the calling thread copies alone: on the H200 machine (``probe_gpu_coalescing``)
-    four threads joined 20 MB of dlrm-rmc2 ids in 3.8 ms where one took 6.8 ms, but made a
-    1.3 MB dlrm-rmc1 query slower (the hand-offs cost more than the copy saves). Large arrays
-    are cut into pieces so that one big query spreads too. Safe to call from one thread at a
-    time."""
+    :meth:`join` returns once every copy is done. Each thread makes one ``np.concatenate``
+    call per destination it writes to, whatever the number of parts: a join of sixteen wnd
+    queries is 880 parts of 2 KB, and a Python call per part (each taking the interpreter lock
+    back) cost more than the copy, the more so with many other threads in the process. Below
+    ``min_bytes`` in all, or with one thread, the calling thread joins alone: on the H200
+    machine (``probe_gpu_coalescing``) four threads joined 20 MB of dlrm-rmc2 ids in 3.8 ms
+    where one took 6.8 ms, but made a 1.3 MB dlrm-rmc1 query slower (the hand-offs cost more
+    than the copy saves). Parts are cut where a thread's share ends, so that one big query
+    spreads too. Safe to call from one thread at a time."""
 
     def __init__(self, threads: int = 4, min_bytes: int = 6 << 20) -> None:
         if threads < 1:
@@ -43,41 +50,49 @@ class Copier:
 
     def copy(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
         """``np.copyto(dst, src)`` for every ``(dst, src)`` (same shapes)."""
-        total = sum(src.nbytes for _, src in pairs)
+        self.join([(dst, [src]) for dst, src in pairs])
+
+    def join(self, jobs: Sequence[Join]) -> None:
+        """For every ``(dst, parts)``: ``dst[:rows]`` = ``np.concatenate(parts)``."""
+        total = sum(p.nbytes for _, parts in jobs for p in parts)
         if self._pool is None or total < self.min_bytes:
-            for dst, src in pairs:
-                np.copyto(dst, src)
+            for dst, parts in jobs:
+                _join_into(dst, parts)
             return
-        groups = self._split(pairs, total)
+        groups = self._split(jobs, total)
         with self._lock:
-            futures: list[Future[None]] = [self._pool.submit(_copy_all, g) for g in groups[1:]]
-            _copy_all(groups[0])
+            futures: list[Future[None]] = [self._pool.submit(_join_all, g) for g in groups[1:]]
+            _join_all(groups[0])
             for f in futures:
                 f.result()
 
-    def _split(
-        self, pairs: Sequence[tuple[np.ndarray, np.ndarray]], total: int
-    ) -> list[list[tuple[np.ndarray, np.ndarray]]]:
-        """``threads`` groups of about equal bytes, in order; arrays cut where a group ends."""
+    def _split(self, jobs: Sequence[Join], total: int) -> list[list[Join]]:
+        """``threads`` groups of about equal bytes, in order, each a list of flat ``(dst
+        slice, parts)`` runs; parts cut where a group ends."""
         share = -(-total // self.threads)
-        groups: list[list[tuple[np.ndarray, np.ndarray]]] = [[]]
+        groups: list[list[Join]] = [[]]
         room = share
-        for dst, src in pairs:
-            if not (dst.flags.c_contiguous and src.flags.c_contiguous):
-                groups[-1].append((dst, src))  # not cut: a flat view needs contiguity
-                room -= src.nbytes
-                continue
-            d, s = dst.reshape(-1), src.reshape(-1)
-            item = max(1, s.itemsize)
-            while s.size:
-                if room < item and len(groups) < self.threads:
-                    groups.append([])
-                    room = share
-                last = len(groups) == self.threads  # takes whatever rounding left over
-                take = s.size if last else min(s.size, max(1, room // item))
-                groups[-1].append((d[:take], s[:take]))
-                d, s = d[take:], s[take:]
-                room -= take * item
+        for dst, parts in jobs:
+            flat = dst.reshape(-1)  # dst is contiguous: a view
+            start = at = 0  # where the open run starts in flat, and how far it reaches
+            run: list[np.ndarray] = []
+            for part in parts:
+                s = part.reshape(-1)  # a copy only where a part is not contiguous
+                item = max(1, s.itemsize)
+                while s.size:
+                    if room < item and len(groups) < self.threads:
+                        if run:
+                            groups[-1].append((flat[start:at], run))
+                        groups.append([])
+                        run, start, room = [], at, share
+                    last = len(groups) == self.threads  # takes whatever rounding left over
+                    take = s.size if last else min(s.size, max(1, room // item))
+                    run.append(s[:take])
+                    s = s[take:]
+                    at += take
+                    room -= take * item
+            if run:
+                groups[-1].append((flat[start:at], run))
         return [g for g in groups if g]
 
     def close(self) -> None:
@@ -85,9 +100,16 @@ class Copier:
             self._pool.shutdown(wait=True)
 
 
-def _copy_all(pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
-    for dst, src in pairs:
-        np.copyto(dst, src)
+def _join_into(dst: np.ndarray, parts: Sequence[np.ndarray]) -> None:
+    if len(parts) == 1:
+        np.copyto(dst[: parts[0].shape[0]], parts[0])
+    elif parts:
+        np.concatenate(parts, out=dst[: sum(p.shape[0] for p in parts)])
+
+
+def _join_all(jobs: list[Join]) -> None:
+    for dst, parts in jobs:
+        _join_into(dst, parts)
 
 
 _ONE_THREAD = Copier(1)
@@ -173,9 +195,9 @@ def concat_batches(
         dense_out = out.dense[:total]
         flat = out.values[:n]
         joined = out.offsets[: nf * total + 1]
-        pairs = _pieces_into(dense_out.numpy(), [_host(d) for d in dense])
-        pairs += _pieces_into(flat.numpy(), pieces)
-        (copier or _ONE_THREAD).copy(pairs)
+        (copier or _ONE_THREAD).join(
+            [(dense_out.numpy(), [_host(d) for d in dense]), (flat.numpy(), pieces)]
+        )
     lengths = np.concatenate(
         [np.diff(o).reshape(nf, sp.batch_size) for o, sp in zip(offsets, sparses, strict=True)],
         axis=1,
@@ -193,17 +215,6 @@ def concat_batches(
         )
     sparse = KeyedJagged(keys, flat, joined, total, weights, per_key)
     return Batch(dense_out, sparse)
-
-
-def _pieces_into(
-    dst: np.ndarray, parts: Sequence[np.ndarray]
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``(view of dst, part)`` pairs that lay ``parts`` back to back along dst's first axis."""
-    pairs, start = [], 0
-    for p in parts:
-        pairs.append((dst[start : start + p.shape[0]], p))
-        start += p.shape[0]
-    return pairs
 
 
 def _copy_one(dense: torch.Tensor, sparse: KeyedJagged, out: HostBuffers, copier: Copier) -> Batch:

@@ -289,6 +289,8 @@ class GpuProcessRunner:
             offs = [t.data_ptr() - base for t in arrays]
             if batch.dense.numel() == 0:
                 offs[0] = 0  # nothing to read
+            if offs[0] % 4 or offs[1] % 8 or offs[2] % 8:
+                continue  # the runner reads typed views of the region: elements aligned
             spans = zip(offs, (t.numel() * t.element_size() for t in arrays), strict=True)
             if all(off >= 0 and off + nbytes <= size for off, nbytes in spans):
                 return (region, *offs)  # type: ignore[return-value]
@@ -432,6 +434,8 @@ class _Regions:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._maps: dict[int, tuple[mmap.mmap, torch.Tensor, bool]] = {}
+        self._typed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        """Each region as int64 and float32 (one slice per array, not a slice and a view)."""
 
     def map(self, region: int, path: str, size: int) -> None:
         fd = os.open(path, os.O_RDWR)
@@ -450,9 +454,12 @@ class _Regions:
             except Exception as err:  # still correct: the pipeline stages what is not pinned
                 log.warning("could not page-lock shared region %s (%s)", path, err)
         self._maps[region] = (mapping, data, registered)
+        whole = data[: size - size % 8]
+        self._typed[region] = (whole.view(torch.int64), whole.view(torch.float32))
 
     def unmap(self, region: int) -> None:
         entry = self._maps.pop(region, None)
+        self._typed.pop(region, None)
         if entry is None:
             return
         mapping, data, registered = entry
@@ -468,18 +475,14 @@ class _Regions:
             mapping.close()
 
     def batch(self, r: _Request, keys: tuple[str, ...], num_dense: int) -> Batch:
-        """Views of the request's arrays in its region (no copy)."""
-        data = self._maps[r.region][1]
-
-        def view(offset: int, count: int, dtype: torch.dtype) -> torch.Tensor:
-            nbytes = count * torch.empty((), dtype=dtype).element_size()
-            return data[offset : offset + nbytes].view(dtype)
-
+        """Views of the request's arrays in its region (no copy; the engine sends only
+        offsets aligned to their arrays' elements)."""
         b = r.items
-        values = view(r.values, r.ids, torch.int64)
-        offsets = view(r.offsets, len(keys) * b + 1, torch.int64)
-        dense = view(r.dense, b * num_dense, torch.float32).view(b, num_dense)
-        return Batch(dense, KeyedJagged(keys, values, offsets, b))
+        i64, f32 = self._typed[r.region]
+        values = i64[r.values >> 3 : (r.values >> 3) + r.ids]
+        offsets = i64[r.offsets >> 3 : (r.offsets >> 3) + len(keys) * b + 1]
+        dense = f32[r.dense >> 2 : (r.dense >> 2) + b * num_dense]
+        return Batch(dense.view(b, num_dense), KeyedJagged(keys, values, offsets, b))
 
     def close(self) -> None:
         for region in list(self._maps):
