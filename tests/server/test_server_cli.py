@@ -118,6 +118,9 @@ def test_bench_server_writes_summary_first(tmp_path: Path, engine: str) -> None:
     # open loop: enough client threads that no query waits for one at the soak's rate
     assert data["soak"]["client_threads"] >= data["soak"]["target_qps"] * SOAK_HEADROOM_S
     assert data["shutdown"]["returncode"] == 0 and data["options"]["frontends"] == 1
+    for when in ("speed_before", "speed_after"):  # how fast the host ran, to tell slow runs
+        speed = data["machine"][when]
+        assert speed["copy_gbps_one_core"] > 0 and speed["python_ns_per_step"] > 0
     for name in ("wnd", "dlrm-rmc2"):
         for proto in ("http", "grpc", "http_shm", "grpc_shm"):  # *_shm: inputs in shared memory
             assert data["latency"][name][proto]["max_abs_diff_vs_inprocess"] < 1e-5
@@ -142,7 +145,14 @@ def test_bench_server_writes_summary_first(tmp_path: Path, engine: str) -> None:
     console = Console(record=True, width=200)
     print_report(data, console)
     text = console.export_text()
-    for words in ("p50 latency", "shared memory", "closed-loop QPS", "frontends", "soak:"):
+    for words in (
+        "p50 latency",
+        "shared memory",
+        "closed-loop QPS",
+        "frontends",
+        "soak:",
+        "host speed",
+    ):
         assert words in text
 
 

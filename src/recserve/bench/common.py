@@ -6,14 +6,16 @@ import datetime as dt
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from recserve.kernels.tuning import device_slug
 
-__all__ = ["device_label", "device_slug", "git_commit", "write_result"]
+__all__ = ["device_label", "device_slug", "git_commit", "machine_speed", "write_result"]
 
 
 def device_label(device: torch.device | str | None = None) -> str:
@@ -50,6 +52,31 @@ def git_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return head + ("+dirty" if dirty else "")
+
+
+def machine_speed(copy_mb: int = 64, rounds: int = 5) -> dict[str, float]:
+    """A quick reading of how fast this host runs right now, for telling a slow run from a
+    slow change: one core's copy bandwidth (best of ``rounds`` copies of ``copy_mb`` MB) and
+    the interpreter's time per loop step (best of ``rounds``). Closed-loop figures on a shared
+    host can move by a third between runs; results record this before and after so that a
+    run measured on a slowed host shows it. Takes about 0.2 s."""
+    src = np.ones(copy_mb << 17, dtype=np.float64)  # copy_mb MB
+    dst = np.empty_like(src)
+    copy_s = loop_s = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        copy_s = min(copy_s, time.perf_counter() - t)
+        t = time.perf_counter()
+        x = 0
+        for i in range(200_000):
+            x += i
+        loop_s = min(loop_s, time.perf_counter() - t)
+    return {
+        "copy_gbps_one_core": round(src.nbytes / copy_s / 1e9, 2),
+        "python_ns_per_step": round(loop_s / 200_000 * 1e9, 2),
+        "loadavg_1m": round(os.getloadavg()[0], 2),
+    }
 
 
 def write_result(

@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from recserve.bench import common
-from recserve.bench.common import git_commit
+from recserve.bench.common import git_commit, machine_speed
 from recserve.engine import EngineConfig, RecEngine
 from recserve.engine.calibrate import calibrate
 from recserve.engine.config import SchedConfig, default_cpu_workers
@@ -209,7 +209,9 @@ def run(args: argparse.Namespace) -> int:
     for i, name in enumerate(models):
         share = (budget - (time.monotonic() - began)) / (len(models) - i)
         console.print(f"[bold]{name}[/bold]: {share:.0f} s of budget")
+        speed = machine_speed()
         record = bench_model(name, opts, time.monotonic() + share, first=i == 0, console=console)
+        record["machine_speed"] = {"before": speed, "after": machine_speed()}
         budget += record.get("one_off_s", 0.0)  # one-off measurements take no model's share
         report["models"].append(record)
         report["summary"] = summarize(report["models"])

@@ -196,3 +196,11 @@ def print_report(result: dict[str, Any], console: Console | None = None) -> None
         f"{soak['target_qps']:.0f} QPS, {soak['failures']} failures, memory "
         f"{soak['rss_growth_frac']:+.2%} after warm-up"
     )
+    machine = result.get("machine", {})
+    if "speed_before" in machine:  # files from before it was recorded have none
+        a, b = machine["speed_before"], machine["speed_after"]
+        console.print(
+            f"host speed before / after: one-core copy {a['copy_gbps_one_core']:.1f} / "
+            f"{b['copy_gbps_one_core']:.1f} GB/s, interpreter {a['python_ns_per_step']:.0f} / "
+            f"{b['python_ns_per_step']:.0f} ns per loop step"
+        )

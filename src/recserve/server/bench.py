@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from recserve.bench.common import device_label, write_result
+from recserve.bench.common import device_label, machine_speed, write_result
 from recserve.config import ModelConfig
 from recserve.engine.config import EngineConfig
 from recserve.engine.engine import RecEngine
@@ -533,7 +533,7 @@ def _soak_process(
 def run_bench(opts: BenchOptions) -> tuple[Path, dict[str, Any]]:
     """Run the three measurements; write and return the result (``summary`` first)."""
     device = resolve_device(opts.device)
-    load_before = os.getloadavg()
+    load_before, speed_before = os.getloadavg(), machine_speed()
     torch.set_num_threads(opts.intra_op_threads)
     with tempfile.TemporaryDirectory(prefix="recserve-bench-") as tmp:
         repo = Path(tmp)
@@ -580,7 +580,8 @@ def run_bench(opts: BenchOptions) -> tuple[Path, dict[str, Any]]:
         "soak": soak_result,
         "shutdown": shutdown,
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
+                    "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+                    "speed_before": speed_before, "speed_after": machine_speed()},
         "notes": notes,
     }  # fmt: skip
     summary = summarize(latency, saturation, soak_result)
