@@ -106,6 +106,22 @@ def test_hill_climb_goes_past_one_bad_value() -> None:
     assert result.best.config.sub_batch_size == 64
 
 
+def test_hill_climb_follows_the_trend_below_the_incumbent() -> None:
+    """Offloading a little can serve less than the CPU alone (0, then 101 QPS against 143 on
+    wnd, measured): the climb over T goes on while each value beats the one before."""
+    capacity = {768: 0.0, 512: 101.0, 384: 120.0, 256: 600.0, 128: 2000.0, 64: 2900.0, 0: 3000.0}
+
+    def measure(config: SchedConfig, qps: float) -> RunResult:
+        limit = 143.0 if config.gpu_threshold is None else capacity[config.gpu_threshold]
+        ok = qps <= limit
+        return RunResult(qps, 100, np.full(100, 0.001 if ok else 0.05), duration=1.0)
+
+    grids = Grids(sub_batch_size=(64,), gpu_threshold=tuple(capacity))
+    result = hill_climb(measure, TARGET, SchedConfig(), grids, start_qps=100.0)
+    assert result.best.config.gpu_threshold == 0
+    assert result.best.qps == pytest.approx(3000.0, rel=0.06)
+
+
 SIZES = QuerySizes.parse("production").sample(600, np.random.default_rng(0))
 # CPU: 0.5 ms per sub-batch + 40 us per item; GPU: 1 ms per batch + 2 us per item. Small b pays
 # the fixed cost too often, large b leaves workers idle and queries long: an interior optimum.
