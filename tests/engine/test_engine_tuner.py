@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -169,6 +170,32 @@ def test_guided_search_matches_the_climb_with_fewer_real_queries() -> None:
     assert guided.best.qps >= 0.97 * climb.best.qps
     assert guided.queries * 3 < climb.queries
     assert all(c.predicted_qps is not None for c in guided.climbed)
+
+
+def test_guided_search_measures_more_than_one_offload_threshold() -> None:
+    """The simulation leaves out contention between CPU workers and the GPU runner, so it can
+    favour one threshold by far (wnd on the H200: 14258 QPS predicted at T=128, 2672
+    measured, while T=0 measured 5438). The configurations it measures are the best of two
+    thresholds, not two delays of the same one."""
+    predicted = {128: 14000.0, 64: 9000.0, 0: 6000.0, 256: 3000.0}
+    real = {128: 2672.0, 64: 5207.0, 0: 5438.0, 256: 400.0}
+
+    def table(capacity: dict[int, float], bonus: float) -> Callable[..., RunResult]:
+        def measure(config: SchedConfig, qps: float) -> RunResult:
+            t = config.gpu_threshold
+            limit = 100.0 if t is None else capacity[t]
+            limit += bonus * 1e3 * (config.gpu_max_delay or 0.0)  # a delay helps a little
+            ok = qps <= limit
+            return RunResult(qps, 100, np.full(100, 0.001 if ok else 0.05), duration=1.0)
+
+        return measure
+
+    grids = Grids(sub_batch_size=(64,), gpu_threshold=(256, 128, 64, 0), gpu_max_delay=(5e-4, 2e-3))
+    guided = guided_search(
+        table(real, 0.0), table(predicted, 10.0), TARGET, SchedConfig(), grids, start_qps=100.0
+    )
+    assert {c.config.gpu_threshold for c in guided.climbed} == {128, 64}
+    assert guided.best.config.gpu_threshold == 64 and guided.best.qps > 4900
 
 
 def test_the_delay_is_not_climbed_when_nothing_goes_to_the_gpu() -> None:
