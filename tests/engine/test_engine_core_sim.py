@@ -105,6 +105,21 @@ def test_gpu_latency_includes_the_coalescing_delay() -> None:
     np.testing.assert_allclose(res.latencies, [5e-3, 4e-3, 4e-3])
 
 
+def test_the_engine_loop_is_one_server_for_both_executors() -> None:
+    """Dispatches pass through the engine's loop one at a time, CPU and GPU alike: with 1 ms
+    of loop per dispatch, four queries at once finish 1, 2, 3 and 4 ms after the loop starts
+    on them, plus their own work, whichever executor runs them."""
+    cpu, gpu = PiecewiseLinear.linear(2e-3, 0.0), PiecewiseLinear.linear(1e-3, 0.0)
+    config = SchedConfig(sub_batch_size=None, gpu_threshold=50, gpu_max_batch=1)
+    sizes = [10, 100, 10, 100]  # CPU, GPU, CPU, GPU
+    free = simulate(config, ServiceModel(cpu, gpu), np.zeros(4), sizes, workers=2, gpu_inflight=2)
+    np.testing.assert_allclose(free.latencies, [2e-3, 1e-3, 2e-3, 2e-3])  # GPU back to back
+    loop = ServiceModel(cpu, gpu, host_cpu=1e-3, host_gpu=1e-3)
+    res = simulate(config, loop, np.zeros(4), sizes, workers=2, gpu_inflight=2)
+    # the CPU pool is dispatched first in a step: CPU 1 ms, CPU 2 ms, then GPU 3 ms, GPU 4 ms
+    np.testing.assert_allclose(res.latencies, [3e-3, 4e-3, 4e-3, 5e-3])
+
+
 def test_queue_bound_refuses_clearly_and_loses_nothing() -> None:
     service = ServiceModel(PiecewiseLinear.linear(1e-3, 0.0))
     res = simulate(

@@ -323,3 +323,17 @@ def test_waker_writes_once_until_cleared_and_keeps_a_late_wake_up() -> None:
 
     finally:
         w.close()
+
+
+def test_calibration_measures_the_loop_per_dispatch(engine, model) -> None:
+    """The simulator's service model: executor seconds per unit of work, and the engine loop's
+    own CPU seconds per dispatch (what the CPU workers and the GPU runner share)."""
+    from recserve.engine.calibrate import calibrate
+
+    before = engine.stats()["loop_cpu_s"]
+    cal = calibrate(engine, QueryFactory(model.config, seed=9), (4, 32), (16,), waves=3)
+    assert engine.stats()["loop_cpu_s"] > before
+    service = cal.service
+    assert service.gpu is not None and cal.queries == 3 * 2 * 2 + 3 * 4
+    assert 0 < service.host_cpu < service.cpu(32)  # the loop is not the whole of the work
+    assert 0 < service.host_gpu < 0.1

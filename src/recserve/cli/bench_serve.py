@@ -504,6 +504,8 @@ def run_guided(
     out["service_model"] = {
         "cpu": cal.service.cpu.to_dict(),
         "gpu": cal.service.gpu.to_dict() if cal.service.gpu else None,
+        "loop_s_per_cpu_sub_batch": cal.service.host_cpu,
+        "loop_s_per_gpu_batch": cal.service.host_gpu,
     }
     out["vs_hill_climb"] = {
         "qps_ratio": result.best.qps / climb_qps if climb_qps else None,

@@ -142,6 +142,8 @@ class RecEngine:
         self._stop = False
         self._readers: dict[int, Callable[[], None]] = {}
         self._ready: list[int] = []
+        self._loop_cpu_s = 0.0
+        """CPU seconds the loop thread has used (read at the end of each pass)."""
         self._idle = threading.Condition()
         self._thread = threading.Thread(target=self._loop, name="recserve-engine", daemon=True)
         self._thread.start()
@@ -279,6 +281,7 @@ class RecEngine:
         out["device"] = str(self.device) if self.device is not None else "none"
         out["schedule"] = self.core.scheduler.config.to_dict()
         out["busy_poll_us"] = self.engine_config.busy_poll_us
+        out["loop_cpu_s"] = self._loop_cpu_s
         if isinstance(self._gpu, GpuProcessRunner):
             out["gpu_zero_copy_batches"] = self._gpu.zero_copy_batches
         return out
@@ -368,6 +371,7 @@ class RecEngine:
             if self.core.in_system == 0:
                 with self._idle:
                     self._idle.notify_all()
+            self._loop_cpu_s = time.thread_time()
             self._wait()
 
     def _wait(self) -> None:
