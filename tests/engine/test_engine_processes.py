@@ -335,5 +335,6 @@ def test_calibration_measures_the_loop_per_dispatch(engine, model) -> None:
     assert engine.stats()["loop_cpu_s"] > before
     service = cal.service
     assert service.gpu is not None and cal.queries == 3 * 2 * 2 + 3 * 4
-    assert 0 < service.host_cpu < service.cpu(32)  # the loop is not the whole of the work
-    assert 0 < service.host_gpu < 0.1
+    # CPU seconds of the loop per dispatch: some, and far less than a second (the executors'
+    # own seconds come from a few completion gaps here, too noisy to compare with)
+    assert 0 < service.host_cpu < 0.05 and 0 < service.host_gpu < 0.05
