@@ -33,31 +33,8 @@ from recserve.engine import EngineConfig, SchedConfig
 from recserve.loadgen.synthetic import QueryFactory
 from recserve.models.registry import build_model
 from recserve.server import ipc
+from recserve.server.bench import children, cpu_seconds
 from recserve.server.engine_host import EngineHost, batch_arrays, infer_meta
-
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` (all its threads)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
-
-
-def children(pid: int) -> list[int]:
-    """Processes whose parent is ``pid`` (the engine process's GPU runner)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            if ppid == pid:
-                out.append(int(entry))
-    return out
 
 
 def place(arena: ipc.Arena, batches: list[Any]) -> list[tuple[dict[str, Any], Any]]:

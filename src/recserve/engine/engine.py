@@ -207,7 +207,6 @@ class RecEngine:
                         config.stage_threads,
                     ),
                     self._waker.wake,
-                    stage_threads=config.stage_threads,
                 )
             if config.cpu_workers:
                 staging = StagingArena(dataclasses.replace(pool_spec, folder=str(folder)))

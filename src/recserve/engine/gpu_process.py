@@ -95,7 +95,8 @@ class RunnerSpec:
     buckets: tuple[int, ...]
     ids_per_item: int
     stage_threads: int = 4
-    """Threads that join shared queries into a slot in the runner (``EngineConfig``'s)."""
+    """Threads that join queries into a slot (``EngineConfig``'s), in the engine's process and
+    in the runner's."""
 
 
 def runner_buckets(top: int) -> tuple[int, ...]:
@@ -115,10 +116,9 @@ class GpuProcessRunner:
         spec: RunnerSpec,
         wake: Callable[[], None] | None = None,
         start_timeout: float = 600.0,
-        stage_threads: int = 4,
     ) -> None:
         self.spec = spec
-        self._copier = Copier(stage_threads)
+        self._copier = Copier(spec.stage_threads)
         """Joins queued queries into a slot with a few threads (megabytes of ids)."""
         self._wake = wake or (lambda: None)
         """Wakes the loop thread: work refused at dispatch is answered on its next poll."""

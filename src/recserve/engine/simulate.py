@@ -100,11 +100,19 @@ class _Host:
 class _SimExecutor:
     """Busy-until bookkeeping shared by the simulated CPU pool and GPU runner."""
 
-    def __init__(self, clock: VirtualClock, slots: int) -> None:
+    def __init__(
+        self, clock: VirtualClock, slots: int, host: _Host | None, host_seconds: float
+    ) -> None:
         self.clock = clock
         self.slots = slots
+        self.host, self.host_seconds = host or _Host(clock), host_seconds
+        """The engine's loop (shared by both executors) and its seconds per dispatch here."""
         self.events: list[tuple[float, int, list[Completion]]] = []
         self._seq = 0
+
+    def _dispatched(self) -> float:
+        """When the loop has dispatched one more unit of work of this executor's."""
+        return self.host.after_dispatch(self.host_seconds)
 
     def _push(self, at: float, done: list[Completion]) -> None:
         self._seq += 1
@@ -131,9 +139,8 @@ class SimCpuPool(_SimExecutor):
         host: _Host | None = None,
         host_seconds: float = 0.0,
     ) -> None:
-        super().__init__(clock, workers)
+        super().__init__(clock, workers, host, host_seconds)
         self.seconds = seconds
-        self.host, self.host_seconds = host or _Host(clock), host_seconds
 
     def idle_workers(self) -> int:
         return self.slots - len(self.events)
@@ -141,8 +148,7 @@ class SimCpuPool(_SimExecutor):
     def dispatch(self, work: list[SubBatch]) -> None:
         for sub in work:
             done = Completion(sub.query, sub.start, sub.stop)
-            start = self.host.after_dispatch(self.host_seconds)
-            self._push(start + self.seconds(sub.num_items), [done])
+            self._push(self._dispatched() + self.seconds(sub.num_items), [done])
 
 
 class SimGpu(_SimExecutor):
@@ -156,16 +162,15 @@ class SimGpu(_SimExecutor):
         host: _Host | None = None,
         host_seconds: float = 0.0,
     ) -> None:
-        super().__init__(clock, inflight)
+        super().__init__(clock, inflight, host, host_seconds)
         self.seconds = seconds
-        self.host, self.host_seconds = host or _Host(clock), host_seconds
         self._free_at = 0.0
 
     def free_slots(self) -> int:
         return self.slots - len(self.events)
 
     def dispatch(self, queries: list[Query]) -> None:
-        start = max(self.host.after_dispatch(self.host_seconds), self._free_at)
+        start = max(self._dispatched(), self._free_at)
         self._free_at = start + self.seconds(sum(q.num_items for q in queries))
         self._push(self._free_at, [Completion(q, 0, q.num_items) for q in queries])
 

@@ -271,7 +271,8 @@ def _rss(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (from every one of its threads' child lists)."""
     out = []
     for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
@@ -281,7 +282,7 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> float:
     """User plus system CPU time of process ``pid`` (all its threads); 0 when it is gone."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -298,17 +299,17 @@ ROLE_OF_NAME = {"recserve-fe": "frontends", "recserve-engine": "engine",
 def cpu_by_process(root: int, skip: int | None = None) -> dict[int, tuple[str, float]]:
     """``pid -> (role, CPU seconds)`` for ``root`` (role ``root``) and every recserve process
     below it (front ends, engine processes, GPU runners, CPU workers), not below ``skip``."""
-    out = {root: ("root", _cpu_seconds(root))}
-    stack = list(_children(root))
+    out = {root: ("root", cpu_seconds(root))}
+    stack = list(children(root))
     while stack:
         pid = stack.pop()
         if pid == skip:
             continue
-        stack += _children(pid)
+        stack += children(pid)
         name = process_name(pid)
         role = next((r for prefix, r in ROLE_OF_NAME.items() if name.startswith(prefix)), None)
         if role is not None:
-            out[pid] = (role, _cpu_seconds(pid))
+            out[pid] = (role, cpu_seconds(pid))
     return out
 
 
@@ -400,7 +401,7 @@ class ServerProcess:
 
     def rss_bytes(self) -> int:
         """Resident memory of the server process and its children (front ends)."""
-        return sum(_rss(pid) for pid in [self.proc.pid, *_children(self.proc.pid)])
+        return sum(_rss(pid) for pid in [self.proc.pid, *children(self.proc.pid)])
 
     def stop(self) -> dict[str, Any]:
         start = time.perf_counter()
