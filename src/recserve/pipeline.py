@@ -251,6 +251,52 @@ class GPUPipeline:
         g.free.record(current)
         return out
 
+    @torch.inference_mode()
+    def call_joined(self, parts: Sequence[Batch]) -> torch.Tensor | None:
+        """Probabilities for the items of ``parts`` in order, the queries joined on the device
+        (:mod:`recserve.kernels.join`): one launch reads them over PCIe where they are and
+        writes the graph's inputs, so no host thread copies their bytes. Every array of
+        ``parts`` must lie in page-locked memory the device can read (the GPU runner's shared
+        regions) and be element-aligned. None when this pipeline cannot take them that way
+        (no whole-forward graphs, no bucket large enough, per-sample weights, other
+        features): the caller joins them on the host and calls the pipeline."""
+        self.inputs_read = None
+        if not (self.full_graph and parts) or any(
+            p.sparse.keys != self.keys or p.sparse.weights is not None for p in parts
+        ):
+            return None
+        b = sum(p.batch_size for p in parts)
+        n = sum(p.sparse.values.numel() for p in parts)
+        size = next((x for x in self.buckets if x >= b), None)
+        if size is None:
+            return None
+        from recserve.kernels.join import join_plan, join_queries
+
+        pair = self._full.get(size)
+        if pair is None or pair[0].capacity < n or pair[0].weights is not None:
+            pair = self._capture_full(parts[0], parts[0].sparse, size, n)
+        turn = self._turns.get(size, 0)
+        self._turns[size] = turn ^ 1
+        g = pair[turn]
+        stage, stream = self._stage, self._copy_stream
+        assert stream is not None
+        plan = torch.from_numpy(join_plan(parts, size)).reshape(-1)
+        plan = stage.stage("join", plan).view(-1, 7)
+        head = len(self.keys) * size + 1
+        current = torch.cuda.current_stream(self.device)
+        stream.wait_event(g.free)
+        with torch.cuda.stream(stream):
+            join_queries(parts, plan, g.sparse[:head], g.sparse[head:], g.dense)
+            ready = torch.cuda.Event()
+            ready.record(stream)
+        self.inputs_read = ready
+        stage.flip(ready)
+        current.wait_event(ready)
+        g.graph.replay()
+        out = g.out[:b].to(torch.float32, copy=True)
+        g.free.record(current)
+        return out
+
     def prepare(self, make_batch: Callable[[int], Batch], ids_per_item: int = 0) -> None:
         """Capture every bucket now (not on its first batch), with room for ``ids_per_item``
         ids per item; ``make_batch(size)`` gives a valid batch of ``size`` items."""
@@ -266,6 +312,19 @@ class GPUPipeline:
                 )
                 n = max(s.values.numel(), size * ids_per_item)
                 self._capture_full(batch, s, size, n)
+            # compile the device-side join now, not on the first joined batch
+            one = make_batch(1)
+            one = Batch(
+                one.dense.pin_memory(),
+                KeyedJagged(
+                    one.sparse.keys,
+                    one.sparse.values.pin_memory(),
+                    one.sparse.offsets.pin_memory(),
+                    1,
+                ),
+            )
+            if one.sparse.keys == self.keys and self.call_joined([one, one]) is not None:
+                torch.cuda.synchronize(self.device)
 
     def _capture_full(self, batch: Batch, s: KeyedJagged, size: int, n: int) -> list[_FullGraph]:
         """Two graphs of the whole forward for ``size`` items and at least ``n`` ids."""

@@ -37,3 +37,36 @@ def test_gpu_runner_answers_like_the_model(name: str, kernels: str, runner: str)
         for batch, out in zip(batches, outs, strict=True):
             torch.testing.assert_close(out.cpu(), model(batch), rtol=1e-4, atol=1e-6)
     assert next(model.parameters()).device.type == "cpu"  # the caller's model stays put
+
+
+@pytest.mark.parametrize("join_on_device", [True, False])
+@pytest.mark.parametrize("name", ["dlrm-rmc2", "wnd", "ncf"])
+def test_queries_in_shared_memory_are_joined_on_the_device(name: str, join_on_device: bool) -> None:
+    """Queries kept in a :class:`QueryMemory` reach the runner with no copy in the engine, are
+    joined by the device-side kernel (or on the host, for comparison) and answer exactly what
+    the model answers, in order."""
+    from recserve.engine.query_memory import QueryMemory
+
+    model = build_model(name, preset="small", seed=1)
+    sched = SchedConfig(gpu_threshold=0, gpu_max_batch=512, gpu_max_delay=0.002)
+    config = EngineConfig(
+        sched=sched,
+        cpu_workers=0,
+        device="cuda",
+        max_query_items=128,
+        gpu_max_inflight=1,
+        join_on_device=join_on_device,
+    )
+    queries = QueryFactory(model.config, "zipf:1.05", seed=3, jitter=True)
+    plain = [queries.make(size) for size in (1, 7, 64, 128, 3, 100, 128, 50, 9, 33)]
+    with RecEngine(model, config) as engine, QueryMemory(engine, plain) as memory:
+        assert memory.shared
+        for _ in range(3):
+            futures = [engine.submit(b) for b in memory.batches]
+            outs = [f.result(timeout=60) for f in futures]
+            with torch.inference_mode():
+                for batch, out in zip(plain, outs, strict=True):
+                    torch.testing.assert_close(out.cpu(), model(batch), rtol=1e-4, atol=1e-6)
+        stats = engine.stats()
+    assert stats["gpu_queries"] > stats["gpu_batches"]  # some batches were joins
+    assert stats["gpu_zero_copy_batches"] == stats["gpu_batches"]

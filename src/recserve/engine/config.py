@@ -91,6 +91,11 @@ class EngineConfig:
     """Let the GPU runner process read queries from memory shared with it
     (:meth:`~recserve.engine.engine.RecEngine.share_memory`) instead of this process copying
     them into its slot; False copies every batch here (for comparison)."""
+    join_on_device: bool = True
+    """When a GPU batch's queries all lie in shared memory, the runner joins them on the
+    device (one launch reads them over PCIe into the graph's inputs,
+    :mod:`recserve.kernels.join`) instead of copying them into its slot with host threads;
+    False joins on the host (for comparison)."""
     gpu_kernels: str = "triton"
     """The GPU runner's model: ``triton`` (tables in the table-batched Triton backend, the
     whole forward replayed as a CUDA graph per batch-size bucket) or ``torch`` (the model as

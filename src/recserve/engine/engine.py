@@ -205,6 +205,7 @@ class RecEngine:
                         runner_buckets(runner_items),
                         ids_per_item,
                         config.stage_threads,
+                        config.join_on_device,
                     ),
                     self._waker.wake,
                 )

@@ -97,6 +97,8 @@ class RunnerSpec:
     stage_threads: int = 4
     """Threads that join queries into a slot (``EngineConfig``'s), in the engine's process and
     in the runner's."""
+    join_on_device: bool = True
+    """Join batches of queries in page-locked shared regions on the device (``EngineConfig``'s)."""
 
 
 def runner_buckets(top: int) -> tuple[int, ...]:
@@ -457,6 +459,10 @@ class _Regions:
         whole = data[: size - size % 8]
         self._typed[region] = (whole.view(torch.int64), whole.view(torch.float32))
 
+    def pinned(self, parts: tuple[_Request, ...]) -> bool:
+        """Whether every part lies in a region page-locked for the device."""
+        return all(p.region in self._maps and self._maps[p.region][2] for p in parts)
+
     def unmap(self, region: int) -> None:
         entry = self._maps.pop(region, None)
         self._typed.pop(region, None)
@@ -602,8 +608,20 @@ class _CudaLoop:
         try:
             while (r := _next_request(self.sock, regions)) is not None:
                 try:
-                    batch = _inputs(r, self.spec, self.arena, regions, copier)
-                    self.pending.put((r.slot, r.items, self._launch(r.slot, r.items, batch), None))
+                    event = None
+                    if (
+                        r.parts
+                        and self.pipeline is not None
+                        and self.spec.join_on_device
+                        and (regions.pinned(r.parts))
+                    ):
+                        nd = self.arena.dense.shape[-1]
+                        parts = [regions.batch(p, self.spec.keys, nd) for p in r.parts]
+                        event = self._launch(r.slot, r.items, parts)
+                    if event is None:
+                        batch = _inputs(r, self.spec, self.arena, regions, copier)
+                        event = self._launch(r.slot, r.items, batch)
+                    self.pending.put((r.slot, r.items, event, None))
                 except Exception as err:
                     self.pending.put((r.slot, r.items, None, _describe(err)))
         finally:
@@ -612,9 +630,15 @@ class _CudaLoop:
             regions.close()
             copier.close()
 
-    def _launch(self, slot: int, b: int, batch: Batch) -> torch.cuda.Event:
+    def _launch(self, slot: int, b: int, batch: Batch | list[Batch]) -> torch.cuda.Event | None:
+        """Start ``batch`` (or queries in shared regions to join on the device: None when the
+        pipeline cannot, and nothing was started)."""
         with torch.cuda.stream(self.stream):
-            if self.pipeline is not None:
+            if isinstance(batch, list):
+                out = self.pipeline.call_joined(batch)
+                if out is None:
+                    return None
+            elif self.pipeline is not None:
                 out = self.pipeline(batch)
             else:
                 out = self.model(batch.to(self.device, non_blocking=True))
