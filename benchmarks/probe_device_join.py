@@ -150,13 +150,13 @@ def main() -> None:
     for name in args.models:
         print(f"{name}:", flush=True)
         model = build_model(name, args.preset, seed=0)
-        pool = QueryPool(QueryFactory(model.config, args.ids, seed=0), QuerySizes.parse("production"))
+        pool = QueryPool(
+            QueryFactory(model.config, args.ids, seed=0), QuerySizes.parse("production")
+        )
         pipe = pipeline_rows(model, pool, device, args.reps)
         eng = engine_rows(model, pool, args.seconds)
         models[name] = {"pipeline": pipe, "engine": eng}
-        summary[name] = {
-            f"{r['place']}/{r['schedule']}": round(r["qps"], 1) for r in eng
-        } | {
+        summary[name] = {f"{r['place']}/{r['schedule']}": round(r["qps"], 1) for r in eng} | {
             f"pipeline_q4_{r['join']}_ms": round(r["total_ms"], 3)
             for r in pipe
             if r["queries"] == 4
