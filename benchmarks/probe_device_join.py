@@ -59,7 +59,9 @@ def pipeline_rows(model: Any, pool: QueryPool, device: torch.device, reps: int) 
     assert pipeline is not None
     keys = pipeline.keys
     pinned = [_pinned(b, keys) for b in pool.batches]
-    bufs = HostBuffers.allocate(2048 * 8, 2048 * 8 * ids, len(keys), model.config.num_dense, True)
+    bufs = HostBuffers.allocate(
+        2048 * 8, 2048 * 8 * ids, len(keys), model.config.num_dense, pin=True
+    )
     rng = np.random.default_rng(0)
     rows = []
     for q in (1, 2, 4, 8):
