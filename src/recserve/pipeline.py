@@ -167,6 +167,8 @@ class GPUPipeline:
         self._turns: dict[int, int] = {}
         self.inputs_read: torch.cuda.Event | None = None
         """After a call: recorded once the copies from the caller's pinned tensors are done."""
+        self.join_refusal = ""
+        """Why the last :meth:`call_joined` that returned None did."""
         self._stage = _PinnedStage()
         self._copy_stream = torch.cuda.Stream(self.device) if self.on_cuda else None
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
@@ -261,14 +263,17 @@ class GPUPipeline:
         (no whole-forward graphs, no bucket large enough, per-sample weights, other
         features): the caller joins them on the host and calls the pipeline."""
         self.inputs_read = None
-        if not (self.full_graph and parts) or any(
-            p.sparse.keys != self.keys or p.sparse.weights is not None for p in parts
-        ):
+        if not (self.full_graph and parts):
+            self.join_refusal = "no whole-forward graphs"
+            return None
+        if any(p.sparse.keys != self.keys or p.sparse.weights is not None for p in parts):
+            self.join_refusal = "features in another order, or per-sample weights"
             return None
         b = sum(p.batch_size for p in parts)
         n = sum(p.sparse.values.numel() for p in parts)
         size = next((x for x in self.buckets if x >= b), None)
         if size is None:
+            self.join_refusal = f"{b} items: more than the largest graph bucket"
             return None
         from recserve.kernels.join import join_plan, join_queries
 

@@ -70,3 +70,7 @@ def test_queries_in_shared_memory_are_joined_on_the_device(name: str, join_on_de
         stats = engine.stats()
     assert stats["gpu_queries"] > stats["gpu_batches"]  # some batches were joins
     assert stats["gpu_zero_copy_batches"] == stats["gpu_batches"]
+    routes = stats["gpu_batches_by_input"]
+    joined = routes["device_join" if join_on_device else "host_join"]
+    assert joined > 0 and routes["device_join" if not join_on_device else "host_join"] == 0
+    assert joined + routes["in_place"] == stats["gpu_batches"]

@@ -59,6 +59,9 @@ def test_shared_queries_are_read_in_place_until_unshared(tmp_path: Path) -> None
         for batch in (shared, plain, shared, askew):
             torch.testing.assert_close(engine.submit(batch).result(60), expected)
         assert engine.stats()["gpu_zero_copy_batches"] == 2  # plain and askew were copied
+        assert engine.stats()["gpu_batches_by_input"] == {
+            "slot": 2, "in_place": 2, "host_join": 0, "device_join": 0
+        }  # fmt: skip
         engine.unshare_memory(handle)
         torch.testing.assert_close(engine.submit(shared).result(60), expected)
         assert engine.stats()["gpu_zero_copy_batches"] == 2  # joined again once unshared
@@ -95,6 +98,9 @@ def test_shared_queries_queued_together_are_joined_by_the_runner(tmp_path: Path)
         stats = engine.stats()
         assert stats["gpu_queries"] > stats["gpu_batches"]  # some were joined
         assert stats["gpu_zero_copy_batches"] == stats["gpu_batches"]
+        routes = stats["gpu_batches_by_input"]  # the CPU runner joins on the host
+        assert routes["host_join"] > 0 and routes["slot"] == routes["device_join"] == 0
+        assert routes["host_join"] + routes["in_place"] == stats["gpu_batches"]
     del shared, data
     with contextlib.suppress(BufferError):
         mapping.close()

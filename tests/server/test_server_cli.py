@@ -138,6 +138,11 @@ def test_bench_server_writes_summary_first(tmp_path: Path, engine: str) -> None:
         assert set(cpu) == server_roles, cpu
         assert cpu["frontends"]["processes"] == 1 and cpu["server"]["processes"] == 1
         assert cpu["frontends"]["us_per_query"] > 0 and cpu["clients"]["us_per_query"] > 0
+        if engine == "rec":  # the engine's own counts over the run, scraped from /metrics
+            counted = level["http"]["engine"]
+            assert 0.9 * level["http"]["queries"] <= counted["completed"] > 0
+            assert counted["gpu_batches"] == 0  # a CPU-only engine here
+            assert level["inprocess"]["engine"]["completed"] >= level["inprocess"]["queries"]
         in_process = level["inprocess"]["cpu"]
         assert "callers_and_engine" in in_process and "frontends" not in in_process
         if engine == "rec":

@@ -190,6 +190,17 @@ def print_report(result: dict[str, Any], console: Console | None = None) -> None
         cpu.add_row(role.replace("_", " "), *cells)
     if cpu.row_count:
         console.print(cpu)
+    joins = []
+    for p, label in zip(SIDES, ("in-process", "HTTP", "gRPC"), strict=True):
+        level = next(lv for lv in sat["levels"] if lv["callers"] == sat[p]["callers"])[p]
+        e = level.get("engine")
+        if e and e["gpu_batches"]:
+            device = e.get("gpu_batches_by_input_device_join", 0.0) / e["gpu_batches"]
+            joins.append(
+                f"{label} {e['queries_per_batch']:.1f} queries/batch, {device:.0%} joined on the device"
+            )
+    if joins:  # files from before the engine's counts were recorded have none
+        console.print("GPU batches at each best level: " + "; ".join(joins))
     soak = result["soak"]
     console.print(
         f"soak: {soak['seconds']:.0f} s at {soak['achieved_qps']:.0f} of "

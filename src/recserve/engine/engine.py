@@ -25,7 +25,12 @@ from recserve.config import ModelConfig
 from recserve.engine.config import EngineConfig, SchedConfig
 from recserve.engine.core import Clock, EngineCore
 from recserve.engine.cpu_pool import CpuWorkerPool
-from recserve.engine.gpu_process import GpuProcessRunner, RunnerSpec, runner_buckets
+from recserve.engine.gpu_process import (
+    INPUT_ROUTES,
+    GpuProcessRunner,
+    RunnerSpec,
+    runner_buckets,
+)
 from recserve.engine.gpu_runner import GpuRunner
 from recserve.engine.interface import EngineClosed
 from recserve.engine.scheduler import Scheduler
@@ -284,6 +289,7 @@ class RecEngine:
         out["loop_cpu_s"] = self._loop_cpu_s
         if isinstance(self._gpu, GpuProcessRunner):
             out["gpu_zero_copy_batches"] = self._gpu.zero_copy_batches
+            out["gpu_batches_by_input"] = dict(zip(INPUT_ROUTES, self._gpu.routes, strict=True))
         return out
 
     def close(self, drain: bool = True, timeout: float | None = None) -> None:

@@ -58,22 +58,26 @@ _PART = struct.Struct("<qqqqqq")
 ids."""
 _STOP, _MAP, _UNMAP = -1, -2, -3
 _JOINED = -2
-_REPLY = struct.Struct("<qq")
-"""Runner -> engine: slot, then the length of an error text that follows (0: answered)."""
+_REPLY = struct.Struct("<qqq")
+"""Runner -> engine: slot, how its inputs were read (one of :data:`INPUT_ROUTES`), then the
+length of an error text that follows (0: answered)."""
+INPUT_ROUTES = ("slot", "in_place", "host_join", "device_join")
+"""How the runner read a batch: staged in its slot by the engine, one shared query read where
+it is, shared queries joined into the slot by the runner's threads, or joined on the device."""
 
 
-def take_replies(buf: bytearray) -> list[tuple[int, str | None]]:
-    """The complete reply records at the head of ``buf`` (removed from it), as ``(slot, error
-    text or None)``; a partial record stays for the next read."""
-    replies: list[tuple[int, str | None]] = []
+def take_replies(buf: bytearray) -> list[tuple[int, int, str | None]]:
+    """The complete reply records at the head of ``buf`` (removed from it), as ``(slot, input
+    route, error text or None)``; a partial record stays for the next read."""
+    replies: list[tuple[int, int, str | None]] = []
     start = 0
     while len(buf) - start >= _REPLY.size:
-        slot, length = _REPLY.unpack_from(buf, start)
+        slot, route, length = _REPLY.unpack_from(buf, start)
         end = start + _REPLY.size + length
         if len(buf) < end:
             break
         text = bytes(buf[start + _REPLY.size : end]).decode() if length else None
-        replies.append((slot, text))
+        replies.append((slot, route, text))
         start = end
     del buf[:start]
     return replies
@@ -149,6 +153,8 @@ class GpuProcessRunner:
         """Shared regions the runner has mapped: id -> (address here, size)."""
         self._next_region = 0
         self.zero_copy_batches = 0
+        self.routes = [0] * len(INPUT_ROUTES)
+        """Batches answered, by how the runner read their inputs (:data:`INPUT_ROUTES`)."""
         """Batches this process did not copy: one query the runner read where it was, or
         several the runner joined into the slot itself."""
         self.info: dict[str, Any] = {}
@@ -312,7 +318,9 @@ class GpuProcessRunner:
             self._die(out)
             return out
         self._buf += data
-        for slot, error in take_replies(self._buf):
+        for slot, route, error in take_replies(self._buf):
+            if 0 <= route < len(INPUT_ROUTES):
+                self.routes[route] += 1
             head, queries, b = self._inflight.popleft()
             assert head == slot, f"runner answered slot {slot}, expected {head}"
             if error is None:
@@ -528,10 +536,11 @@ def _next_request(sock: socket.socket, regions: _Regions) -> _Request | None:
         return None if r.slot < 0 else r
 
 
-def pack_reply(slot: int, error: str | None) -> bytes:
-    """The runner's reply record for ``slot``: answered (``error`` None) or failed."""
+def pack_reply(slot: int, error: str | None, route: int = 0) -> bytes:
+    """The runner's reply record for ``slot``: answered (``error`` None) or failed, and how
+    its inputs were read (an index into :data:`INPUT_ROUTES`)."""
     text = (error or "").encode()
-    return _REPLY.pack(slot, len(text)) + text
+    return _REPLY.pack(slot, route, len(text)) + text
 
 
 def _describe(err: BaseException) -> str:
@@ -539,8 +548,15 @@ def _describe(err: BaseException) -> str:
     return f"GPU runner: {type(err).__name__}: {err}"
 
 
-def _reply(sock: socket.socket, slot: int, error: str | None) -> None:
-    sock.sendall(pack_reply(slot, error))
+def _reply(sock: socket.socket, slot: int, error: str | None, route: int = 0) -> None:
+    sock.sendall(pack_reply(slot, error, route))
+
+
+def _route(r: _Request) -> int:
+    """How a request's inputs are read when they are not joined on the device."""
+    if r.parts:
+        return INPUT_ROUTES.index("host_join")
+    return INPUT_ROUTES.index("slot" if r.region < 0 else "in_place")
 
 
 def _inputs(
@@ -568,7 +584,7 @@ def _cpu_loop(spec: RunnerSpec, sock: socket.socket, model: Any, arena: StagingA
             except Exception as err:  # reported to the engine, which fails the batch's queries
                 error = _describe(err)
             try:
-                _reply(sock, r.slot, error)
+                _reply(sock, r.slot, error, _route(r))
             except OSError:
                 return
     finally:
@@ -597,9 +613,10 @@ class _CudaLoop:
             if registered
             else torch.empty(tuple(arena.out.shape), dtype=torch.float32, pin_memory=True)
         )
-        self.pending: queue.SimpleQueue[tuple[int, int, Any, str | None] | None] = (
+        self.pending: queue.SimpleQueue[tuple[int, int, Any, str | None, int] | None] = (
             queue.SimpleQueue()
         )
+        self.refusals: set[str] = set()
 
     def run(self) -> None:
         done = threading.Thread(target=self._complete, name="recserve-gpu-done", daemon=True)
@@ -607,23 +624,28 @@ class _CudaLoop:
         regions, copier = _Regions(self.device), Copier(self.spec.stage_threads)
         try:
             while (r := _next_request(self.sock, regions)) is not None:
+                route = _route(r)
                 try:
                     event = None
                     if (
                         r.parts
                         and self.pipeline is not None
                         and self.spec.join_on_device
-                        and (regions.pinned(r.parts))
+                        and regions.pinned(r.parts)
                     ):
                         nd = self.arena.dense.shape[-1]
                         parts = [regions.batch(p, self.spec.keys, nd) for p in r.parts]
                         event = self._launch(r.slot, r.items, parts)
+                        if event is None:
+                            self._refused(self.pipeline.join_refusal)
+                        else:
+                            route = INPUT_ROUTES.index("device_join")
                     if event is None:
                         batch = _inputs(r, self.spec, self.arena, regions, copier)
                         event = self._launch(r.slot, r.items, batch)
-                    self.pending.put((r.slot, r.items, event, None))
+                    self.pending.put((r.slot, r.items, event, None, route))
                 except Exception as err:
-                    self.pending.put((r.slot, r.items, None, _describe(err)))
+                    self.pending.put((r.slot, r.items, None, _describe(err), route))
         finally:
             self.pending.put(None)
             done.join(timeout=30)
@@ -647,9 +669,15 @@ class _CudaLoop:
             event.record(self.stream)
         return event
 
+    def _refused(self, reason: str) -> None:
+        """Say once per reason why joined batches are joined on the host instead."""
+        if reason not in self.refusals:
+            self.refusals.add(reason)
+            log.warning("GPU runner: joining batches on the host: %s", reason)
+
     def _complete(self) -> None:
         while (item := self.pending.get()) is not None:
-            slot, b, event, error = item
+            slot, b, event, error, route = item
             if error is None:
                 try:
                     event.synchronize()
@@ -658,6 +686,6 @@ class _CudaLoop:
                 except Exception as err:
                     error = _describe(err)
             try:
-                _reply(self.sock, slot, error)
+                _reply(self.sock, slot, error, route)
             except OSError:
                 return

@@ -29,7 +29,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+import urllib.request
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ from recserve.bench.common import device_label, machine_speed, write_result
 from recserve.config import ModelConfig
 from recserve.engine.config import EngineConfig
 from recserve.engine.engine import RecEngine
+from recserve.engine.gpu_process import INPUT_ROUTES
 from recserve.engine.interface import InferenceEngine
 from recserve.loadgen.synthetic import QueryFactory
 from recserve.models import build_model, load_model, save_model
@@ -49,6 +51,7 @@ from recserve.procname import process_name
 from recserve.runtime import resolve_device
 from recserve.server.client import GRPCClient, HTTPClient, InferError, batch_tensors
 from recserve.server.local_engine import LocalEngine
+from recserve.server.metrics import numeric_stats
 from recserve.server.repository import ENGINES, rec_engine_config
 from recserve.server.settings import ServingConfig
 from recserve.types import Batch, validate_batch
@@ -649,8 +652,11 @@ def measure_saturation(engine: InferenceEngine, server: ServerProcess, name: str
         for _ in range(rounds):
             here = os.getpid()
             before = cpu_by_process(here, skip=server.proc.pid)
+            counts = gpu_counts(engine.stats()) if isinstance(engine, RecEngine) else None
             run = closed_loop(lambda: lambda b: engine.submit(b).result(), queries, callers,
                               seconds)  # fmt: skip
+            if counts is not None:
+                run["engine"] = _counts_delta(counts, gpu_counts(engine.stats()))
             roles = cpu_roles(before, cpu_by_process(here, skip=server.proc.pid),
                               run["seconds"], run["queries"])  # fmt: skip
             roles["callers_and_engine"] = roles.pop("root")  # this process: callers' threads too
@@ -658,7 +664,9 @@ def measure_saturation(engine: InferenceEngine, server: ServerProcess, name: str
             cpu["inprocess"].append(roles)
             for proto, url in urls.items():  # clients in processes: the load is not GIL-bound
                 before = cpu_by_process(server.proc.pid)
+                counts = server_gpu_counts(server, name)
                 run = closed_loop_processes(proto, url, name, config, queries, callers, seconds)
+                run["engine"] = _counts_delta(counts, server_gpu_counts(server, name))
                 roles = cpu_roles(before, cpu_by_process(server.proc.pid), run["seconds"],
                                   run["queries"])  # fmt: skip
                 roles["server"] = roles.pop("root")
@@ -672,6 +680,9 @@ def measure_saturation(engine: InferenceEngine, server: ServerProcess, name: str
             level[proto] = {"qps": done / elapsed, "queries": done, "seconds": elapsed,
                             "errors": sum(p["errors"] for p in parts),
                             "cpu": _merge_cpu(cpu[proto], elapsed, done)}  # fmt: skip
+            if all("engine" in p for p in parts):  # the engine's batches: joins, and how
+                total = {k: sum(p["engine"][k] for p in parts) for k in _GPU_COUNTS}
+                level[proto]["engine"] = _counts_delta(dict.fromkeys(_GPU_COUNTS, 0.0), total)
         levels.append(level)
     result: dict[str, Any] = {"model": name, "levels": levels}
     for proto in ("inprocess", "http", "grpc"):
@@ -680,6 +691,43 @@ def measure_saturation(engine: InferenceEngine, server: ServerProcess, name: str
     for proto in ("http", "grpc"):
         result[proto]["vs_inprocess"] = result[proto]["qps"] / result["inprocess"]["qps"]
     return result
+
+
+_GPU_COUNTS = (
+    "completed",
+    "gpu_batches",
+    "gpu_queries",
+    *(f"gpu_batches_by_input_{r}" for r in INPUT_ROUTES),
+)
+
+
+def gpu_counts(stats: Mapping[str, Any]) -> dict[str, float]:
+    """An engine's counters of answered queries and GPU batches (batches, queries, batches by
+    how the runner read their inputs) from its ``stats()``."""
+    flat = dict(numeric_stats(stats))
+    return {k: flat.get(k, 0.0) for k in _GPU_COUNTS}
+
+
+def server_gpu_counts(server: ServerProcess, model: str) -> dict[str, float]:
+    """The same counters of the server's engine for ``model``, scraped from ``/metrics``."""
+    url = server.http_url if "://" in server.http_url else f"http://{server.http_url}"
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+    except OSError:
+        return dict.fromkeys(_GPU_COUNTS, 0.0)
+    label = re.escape(f'{{model="{model}"}}')
+    out = {}
+    for k in _GPU_COUNTS:
+        match = re.search(rf"^recserve_engine_{k}{label} (\S+)$", text, re.M)
+        out[k] = float(match[1]) if match else 0.0
+    return out
+
+
+def _counts_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    out = {k: after[k] - before[k] for k in before}
+    out["queries_per_batch"] = out["gpu_queries"] / max(out["gpu_batches"], 1.0)
+    return out
 
 
 def _merge_cpu(

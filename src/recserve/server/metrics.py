@@ -177,7 +177,7 @@ class _ModelCollector:
             depth.add_metric([name], view.queue_depth())
             inflight.add_metric([name], view.inflight_batches())
             ready.add_metric([name], 1.0 if view.ready() else 0.0)
-            for stat, value in _numeric_stats(view.engine_stats()):
+            for stat, value in numeric_stats(view.engine_stats()):
                 metric = f"recserve_engine_{stat}"
                 if metric not in engine:
                     engine[metric] = GaugeMetricFamily(
@@ -190,10 +190,11 @@ class _ModelCollector:
         yield from engine.values()
 
 
-def _numeric_stats(stats: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
+def numeric_stats(stats: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
+    """Every number in ``stats`` (nested mappings flattened, keys joined with ``_``)."""
     for key, value in stats.items():
         name = re.sub(r"[^a-zA-Z0-9_]", "_", f"{prefix}{key}")
         if isinstance(value, int | float):  # bool included
             yield name, float(value)
         elif isinstance(value, Mapping):
-            yield from _numeric_stats(value, f"{name}_")
+            yield from numeric_stats(value, f"{name}_")
