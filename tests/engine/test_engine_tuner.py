@@ -123,6 +123,40 @@ def test_hill_climb_follows_the_trend_below_the_incumbent() -> None:
     assert result.best.qps == pytest.approx(3000.0, rel=0.06)
 
 
+class Spent(RuntimeError):
+    pass
+
+
+def test_hill_climb_stops_on_a_spent_budget_with_its_best_so_far() -> None:
+    """A measurement that raises one of ``stop_on`` ends the climb with what it found (and
+    says why); before anything is found it propagates."""
+    capacity = {8: 100.0, 16: 300.0, 32: 200.0, 64: 500.0}
+    calls = {"n": 0, "limit": 0}
+
+    def measure(config: SchedConfig, qps: float) -> RunResult:
+        calls["n"] += 1
+        if calls["n"] > calls["limit"]:
+            raise Spent("budget spent")
+        ok = qps <= capacity[config.sub_batch_size]  # type: ignore[index]
+        return RunResult(qps, 100, np.full(100, 0.001 if ok else 0.05), duration=1.0)
+
+    grids = Grids(sub_batch_size=tuple(capacity))
+    calls["limit"] = 10**6
+    full = hill_climb(measure, TARGET, SchedConfig(), grids, start_qps=50.0)
+    assert full.best.config.sub_batch_size == 64 and full.stopped is None
+    needed = calls["n"]
+    calls.update(n=0, limit=needed // 2)
+    part = hill_climb(measure, TARGET, SchedConfig(), grids, 50.0, stop_on=(Spent,))
+    assert part.stopped == "budget spent" and "stopped" in part.to_dict()
+    assert part.best.config.sub_batch_size in (8, 16) and part.best.qps < full.best.qps
+    calls.update(n=0, limit=0)
+    with pytest.raises(Spent):
+        hill_climb(measure, TARGET, SchedConfig(), grids, 50.0, stop_on=(Spent,))
+    calls.update(n=0, limit=needed // 2)
+    with pytest.raises(Spent):  # not asked to stop on it: it propagates
+        hill_climb(measure, TARGET, SchedConfig(), grids, 50.0)
+
+
 SIZES = QuerySizes.parse("production").sample(600, np.random.default_rng(0))
 # CPU: 0.5 ms per sub-batch + 40 us per item; GPU: 1 ms per batch + 2 us per item. Small b pays
 # the fixed cost too often, large b leaves workers idle and queries long: an interior optimum.

@@ -74,6 +74,8 @@ class TuneResult:
     seconds: float
     extra_queries: int = 0
     """Queries spent outside the probes (the guided search's calibration)."""
+    stopped: str | None = None
+    """Why the search ended before its grids did (a time budget), or None."""
 
     @property
     def queries(self) -> int:
@@ -93,7 +95,7 @@ class TuneResult:
             "probes": self.probes,
             "seconds": round(self.seconds, 3),
             "climbed": [c.to_dict() for c in self.climbed],
-        }
+        } | ({"stopped": self.stopped} if self.stopped else {})
 
 
 @dataclass(frozen=True)
@@ -194,6 +196,7 @@ def hill_climb(
     incumbent: ConfigResult | None = None,
     patience: int = 1,
     known: Mapping[SchedConfig, ConfigResult] | None = None,
+    stop_on: tuple[type[BaseException], ...] = (),
 ) -> TuneResult:
     """DeepRecSched's hill climb: for each knob in turn, try its values in order, each from the
     same cold start load, until the sustainable QPS falls from one value to the next; keep the
@@ -209,7 +212,9 @@ def hill_climb(
     already measured under the same target (e.g. the static baselines, which sit on the b
     grid): the climb takes their result instead of measuring them again, so each
     configuration is measured once and the tuned result is read off the same probes as the
-    baseline it is compared with."""
+    baseline it is compared with. A measurement that raises one of ``stop_on`` (a spent time
+    budget) ends the climb with the best found so far, its reason in ``stopped``; with nothing
+    found yet it propagates."""
     search = search or LoadSearch()
     known = known or {}
     began = time.perf_counter()
@@ -225,7 +230,13 @@ def hill_climb(
             candidate = config.with_(**{name: value})
             if best is not None and candidate == best.config:
                 continue
-            found = known.get(candidate) or search.run(measure, candidate, target, start_qps)
+            try:
+                found = known.get(candidate) or search.run(measure, candidate, target, start_qps)
+            except stop_on as err:
+                if best is None:
+                    raise
+                elapsed = time.perf_counter() - began
+                return TuneResult("hill_climb", target, best, climbed, elapsed, stopped=str(err))
             climbed.append(found)
             if best is None or found.qps > best.qps:  # ties keep the earlier, simpler value
                 best = found
