@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import mmap
 import os
 from pathlib import Path
@@ -104,3 +105,25 @@ def test_shared_queries_queued_together_are_joined_by_the_runner(tmp_path: Path)
     del shared, data
     with contextlib.suppress(BufferError):
         mapping.close()
+
+
+def test_only_parts_inside_the_locked_span_are_joined_on_the_device(tmp_path: Path) -> None:
+    """A region's last partial page is not page-locked: a query reaching into it must not be
+    read by the device (the runner joins it on the host instead)."""
+    from recserve.engine.gpu_process import _Regions, _Request
+
+    path = tmp_path / "region"
+    path.write_bytes(bytes(3 * mmap.PAGESIZE + 100))
+    regions = _Regions(torch.device("cpu"))
+    regions.map(7, str(path), 3 * mmap.PAGESIZE + 100)
+    try:
+        part = _Request(0, items=4, ids=10, region=7, dense=0, values=64, offsets=256)
+        assert not regions.pinned((part,), num_keys=2, num_dense=3)  # nothing locked on a CPU
+        regions._locked[7] = 3 * mmap.PAGESIZE  # as a CUDA runner locks it: whole pages only
+        assert regions.pinned((part,), num_keys=2, num_dense=3)
+        end = 3 * mmap.PAGESIZE - 8 * (2 * 4 + 1)  # offsets end exactly at the locked span
+        assert regions.pinned((dataclasses.replace(part, offsets=end),), 2, 3)
+        assert not regions.pinned((dataclasses.replace(part, offsets=end + 8),), 2, 3)
+        assert not regions.pinned((dataclasses.replace(part, region=8),), 2, 3)  # unknown
+    finally:
+        regions.close()

@@ -446,6 +446,8 @@ class _Regions:
         self._maps: dict[int, tuple[mmap.mmap, torch.Tensor, bool]] = {}
         self._typed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         """Each region as int64 and float32 (one slice per array, not a slice and a view)."""
+        self._locked: dict[int, int] = {}
+        """Bytes of each region page-locked for the device (0: none)."""
 
     def map(self, region: int, path: str, size: int) -> None:
         fd = os.open(path, os.O_RDWR)
@@ -464,16 +466,26 @@ class _Regions:
             except Exception as err:  # still correct: the pipeline stages what is not pinned
                 log.warning("could not page-lock shared region %s (%s)", path, err)
         self._maps[region] = (mapping, data, registered)
+        self._locked[region] = size - size % mmap.PAGESIZE if registered else 0
         whole = data[: size - size % 8]
         self._typed[region] = (whole.view(torch.int64), whole.view(torch.float32))
 
-    def pinned(self, parts: tuple[_Request, ...]) -> bool:
-        """Whether every part lies in a region page-locked for the device."""
-        return all(p.region in self._maps and self._maps[p.region][2] for p in parts)
+    def pinned(self, parts: tuple[_Request, ...], num_keys: int, num_dense: int) -> bool:
+        """Whether every array of every part lies in the page-locked span of its region (a
+        region's last partial page is not locked: the device must not read it)."""
+        for p in parts:
+            end = max(
+                p.dense + 4 * p.items * num_dense, p.values + 8 * p.ids,
+                p.offsets + 8 * (num_keys * p.items + 1),
+            )  # fmt: skip
+            if end > self._locked.get(p.region, 0):
+                return False
+        return True
 
     def unmap(self, region: int) -> None:
         entry = self._maps.pop(region, None)
         self._typed.pop(region, None)
+        self._locked.pop(region, None)
         if entry is None:
             return
         mapping, data, registered = entry
@@ -624,16 +636,15 @@ class _CudaLoop:
         regions, copier = _Regions(self.device), Copier(self.spec.stage_threads)
         try:
             while (r := _next_request(self.sock, regions)) is not None:
-                route = _route(r)
+                route, nd = _route(r), self.arena.dense.shape[-1]
                 try:
                     event = None
                     if (
                         r.parts
                         and self.pipeline is not None
                         and self.spec.join_on_device
-                        and regions.pinned(r.parts)
+                        and regions.pinned(r.parts, len(self.spec.keys), nd)
                     ):
-                        nd = self.arena.dense.shape[-1]
                         parts = [regions.batch(p, self.spec.keys, nd) for p in r.parts]
                         event = self._launch(r.slot, r.items, parts)
                         if event is None:

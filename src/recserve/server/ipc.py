@@ -166,6 +166,8 @@ class Arena:
     lock (large requests are decoded into it on worker threads)."""
 
     def __init__(self, path: str, size: int, create: bool = True) -> None:
+        if create:  # whole pages: the GPU runner page-locks whole pages only
+            size = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
         self.path, self.size = path, size
         flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
         fd = os.open(path, flags, 0o600)
