@@ -62,10 +62,10 @@ def pipeline_rows(model: Any, pool: QueryPool, device: torch.device, reps: int) 
     bufs = HostBuffers.allocate(
         2048 * 8, 2048 * 8 * ids, len(keys), model.config.num_dense, pin=True
     )
-    rng = np.random.default_rng(0)
     rows = []
     for q in (1, 2, 4, 8):
         for how in ("host", "device"):
+            rng = np.random.default_rng(q)  # both ways join the same queries
             host_s, total_s, items = [], [], []
             for r in range(reps + 3):
                 picks = [pinned[i] for i in rng.integers(0, len(pinned), q)]
