@@ -210,12 +210,7 @@ class GPUPipeline:
             s = s.select(self.keys)
         b, f, n = s.batch_size, len(self.keys), s.values.numel()
         head = f * size + 1
-        pair = self._full.get(size)
-        if pair is None or pair[0].capacity < n or (s.weights is None) != (pair[0].weights is None):
-            pair = self._capture_full(batch, s, size, n)
-        turn = self._turns.get(size, 0)
-        self._turns[size] = turn ^ 1
-        g = pair[turn]
+        g = self._next_graph(batch, s, size, n)
         stage, stream = self._stage, self._copy_stream
         assert stream is not None
         # Inputs already in pinned memory (e.g. a runner's coalescing buffers) are copied from
@@ -230,7 +225,6 @@ class GPUPipeline:
         if weights is not None and not weights.is_pinned():
             weights = stage.stage("weights", weights)
         dense = batch.dense if batch.dense.is_pinned() else stage.stage("dense", batch.dense)
-        current = torch.cuda.current_stream(self.device)
         stream.wait_event(g.free)  # this graph's inputs are no longer read by its last replay
         with torch.cuda.stream(stream):
             if direct:
@@ -244,8 +238,23 @@ class GPUPipeline:
             g.dense[:b].copy_(dense, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record(stream)
+        return self._replay(g, ready, b)
+
+    def _next_graph(self, batch: Batch, s: KeyedJagged, size: int, n: int) -> _FullGraph:
+        """The graph of bucket ``size`` to fill next (the pair's two in turn), captured anew
+        (from ``batch``) when there is none with room for ``n`` ids and the same weighting."""
+        pair = self._full.get(size)
+        if pair is None or pair[0].capacity < n or (s.weights is None) != (pair[0].weights is None):
+            pair = self._capture_full(batch, s, size, n)
+        turn = self._turns.get(size, 0)
+        self._turns[size] = turn ^ 1
+        return pair[turn]
+
+    def _replay(self, g: _FullGraph, ready: torch.cuda.Event, b: int) -> torch.Tensor:
+        """Once the copy stream's ``ready`` has passed, replay ``g``; its first ``b`` rows."""
         self.inputs_read = ready
-        stage.flip(ready)
+        self._stage.flip(ready)
+        current = torch.cuda.current_stream(self.device)
         current.wait_event(ready)
         g.graph.replay()
         # A copy: the graph's output is overwritten by its next replay.
@@ -277,30 +286,18 @@ class GPUPipeline:
             return None
         from recserve.kernels.join import join_plan, join_queries
 
-        pair = self._full.get(size)
-        if pair is None or pair[0].capacity < n or pair[0].weights is not None:
-            pair = self._capture_full(parts[0], parts[0].sparse, size, n)
-        turn = self._turns.get(size, 0)
-        self._turns[size] = turn ^ 1
-        g = pair[turn]
-        stage, stream = self._stage, self._copy_stream
+        g = self._next_graph(parts[0], parts[0].sparse, size, n)
+        stream = self._copy_stream
         assert stream is not None
         plan = torch.from_numpy(join_plan(parts, size)).reshape(-1)
-        plan = stage.stage("join", plan).view(-1, 7)
+        plan = self._stage.stage("join", plan).view(-1, 7)
         head = len(self.keys) * size + 1
-        current = torch.cuda.current_stream(self.device)
         stream.wait_event(g.free)
         with torch.cuda.stream(stream):
             join_queries(parts, plan, g.sparse[:head], g.sparse[head:], g.dense)
             ready = torch.cuda.Event()
             ready.record(stream)
-        self.inputs_read = ready
-        stage.flip(ready)
-        current.wait_event(ready)
-        g.graph.replay()
-        out = g.out[:b].to(torch.float32, copy=True)
-        g.free.record(current)
-        return out
+        return self._replay(g, ready, b)
 
     def prepare(self, make_batch: Callable[[int], Batch], ids_per_item: int = 0) -> None:
         """Capture every bucket now (not on its first batch), with room for ``ids_per_item``
