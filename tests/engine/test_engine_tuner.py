@@ -203,7 +203,7 @@ def test_guided_search_matches_the_climb_with_fewer_real_queries() -> None:
     guided = guided_search(real, guide, TARGET, SchedConfig(), grids, start_qps=200.0)
     assert guided.best.qps >= 0.97 * climb.best.qps
     assert guided.queries * 3 < climb.queries
-    assert all(c.predicted_qps is not None for c in guided.climbed)
+    assert all(c.predicted_qps is not None for c in guided.climbed[:2])  # the verified ones
 
 
 def test_guided_search_measures_more_than_one_offload_threshold() -> None:
@@ -228,8 +228,31 @@ def test_guided_search_measures_more_than_one_offload_threshold() -> None:
     guided = guided_search(
         table(real, 0.0), table(predicted, 10.0), TARGET, SchedConfig(), grids, start_qps=100.0
     )
-    assert {c.config.gpu_threshold for c in guided.climbed} == {128, 64}
-    assert guided.best.config.gpu_threshold == 64 and guided.best.qps > 4900
+    assert [c.config.gpu_threshold for c in guided.climbed[:2]] == [128, 64]
+    # then the polish walks T from the best measured (64) one step on: T=0 serves more
+    assert guided.climbed[2].config.gpu_threshold == 0
+    assert guided.best.config.gpu_threshold == 0 and guided.best.qps > 5100
+    assert guided.best.config.gpu_max_delay == 0.0  # a delay gains nothing for real here
+
+
+def test_guided_search_polish_stops_where_no_step_gains() -> None:
+    """The polish measures each neighbour of the best once and keeps the best; with nothing
+    better around it, the verified best stands."""
+    real = {256: 1000.0, 128: 3000.0, 64: 2000.0, 0: 1500.0}
+    seen: list[int | None] = []
+
+    def measure(config: SchedConfig, qps: float) -> RunResult:
+        seen.append(config.gpu_threshold)
+        limit = 100.0 if config.gpu_threshold is None else real[config.gpu_threshold]
+        ok = qps <= limit
+        return RunResult(qps, 100, np.full(100, 0.001 if ok else 0.05), duration=1.0)
+
+    grids = Grids(sub_batch_size=(64,), gpu_threshold=(256, 128, 64, 0))
+    guided = guided_search(measure, measure, TARGET, SchedConfig(), grids, 100.0, verify=1)
+    assert guided.best.config.gpu_threshold == 128
+    assert [c.config.gpu_threshold for c in guided.climbed] == [128, 64, 256]
+    none = guided_search(measure, measure, TARGET, SchedConfig(), grids, 100.0, verify=1, polish=0)
+    assert [c.config.gpu_threshold for c in none.climbed] == [128]
 
 
 def test_the_delay_is_not_climbed_when_nothing_goes_to_the_gpu() -> None:

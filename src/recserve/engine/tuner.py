@@ -278,9 +278,14 @@ def guided_search(
     calibration_queries: int = 0,
     calibration_seconds: float = 0.0,
     search: LoadSearch | None = None,
+    polish: int = 3,
 ) -> TuneResult:
     """recserve's search: predict every configuration's sustainable load by simulation, then
-    measure the ``verify`` most promising ones for real, each starting at its prediction.
+    measure the ``verify`` most promising ones for real, each starting at its prediction, and
+    polish the best of them: up to ``polish`` more measurements walk its offload threshold,
+    then its coalescing delay, one grid step at a time while that helps (the simulation ranks
+    configurations well but can be a step off: on dlrm-rmc1 it chose T=64 where the climb
+    measured more at T=0).
 
     The prediction climbs like :func:`hill_climb` but visits every value of each knob (the
     simulation is cheap, so no early stop is needed to save time), holding the other knobs at
@@ -314,5 +319,45 @@ def guided_search(
         found.predicted_qps = predicted[config]
         climbed.append(found)
     best = max(climbed, key=lambda c: c.qps)
+    best = _polish(measure, target, grids, best, climbed, polish, search, predicted)
     seconds = time.perf_counter() - began + calibration_seconds
     return TuneResult("guided", target, best, climbed, seconds, calibration_queries)
+
+
+def _polish(
+    measure: Measure,
+    target: LatencyTarget,
+    grids: Grids,
+    best: ConfigResult,
+    climbed: list[ConfigResult],
+    budget: int,
+    search: LoadSearch,
+    predicted: Mapping[SchedConfig, float],
+) -> ConfigResult:
+    """Walk ``best``'s threshold, then its delay, along their grids (one step, then on while
+    each step gains; the other direction only when the first did not gain), measuring at most
+    ``budget`` configurations (appended to ``climbed``)."""
+    tried = {c.config for c in climbed}
+    for name, grid in grids.stages():
+        if name not in ("gpu_threshold", "gpu_max_delay") or not best.config.uses_gpu:
+            continue
+        current = getattr(best.config, name)
+        values = list(grid) if current in grid else sorted({*grid, current})  # type: ignore[type-var]
+        at = values.index(current)
+        for step in (1, -1):
+            j, gained = at + step, False
+            while 0 <= j < len(values) and budget > 0:
+                candidate = best.config.with_(**{name: values[j]})
+                if candidate in tried:
+                    break
+                tried.add(candidate)
+                budget -= 1
+                found = search.run(measure, candidate, target, max(best.qps, search.min_qps))
+                found.predicted_qps = predicted.get(candidate)
+                climbed.append(found)
+                if found.qps <= best.qps:
+                    break
+                best, gained, j = found, True, j + step
+            if gained:
+                break
+    return best
