@@ -63,18 +63,24 @@ def _measure(
     dev: list[Batch],
     iters: int,
     device: torch.device,
+    warmup: int = 3,
+    rounds: int = 5,
 ) -> tuple[float, ...]:
     """Times (ms): eager and each pipeline from host inputs, eager and recserve from device
     inputs, embeddings only (eager, recserve)."""
     k = len(host)
     pipe = pipes[0]
+
+    def ms(fn: Callable[[int], object]) -> float:
+        return _time_ms(fn, iters, warmup, rounds)
+
     return (
-        _time_ms(lambda i: eager(host[i % k].to(device)), iters),
-        *(_time_ms(lambda i, p=p: p(host[i % k]), iters) for p in pipes),
-        _time_ms(lambda i: eager(dev[i % k]), iters),
-        _time_ms(lambda i: pipe(dev[i % k]), iters),
-        _time_ms(lambda i: eager.sparse(dev[i % k].sparse), iters),
-        _time_ms(lambda i: fast.sparse(dev[i % k].sparse), iters),
+        ms(lambda i: eager(host[i % k].to(device))),
+        *(ms(lambda i, p=p: p(host[i % k])) for p in pipes),
+        ms(lambda i: eager(dev[i % k])),
+        ms(lambda i: pipe(dev[i % k])),
+        ms(lambda i: eager.sparse(dev[i % k].sparse)),
+        ms(lambda i: fast.sparse(dev[i % k].sparse)),
     )
 
 
@@ -93,6 +99,8 @@ def bench_model(
     ids: str = "zipf:1.05",
     distinct: int = 2,
     log: Callable[[str], None] = print,
+    warmup: int = 3,
+    rounds: int = 5,
 ) -> list[dict[str, Any]]:
     t0 = time.perf_counter()
     eager = build_model(name, preset, device=device, seed=0)
@@ -113,7 +121,9 @@ def bench_model(
         mixed_out = [mixed(h) for h in host]
         mixed_abs = max(float((m - r).abs().max()) for m, r in zip(mixed_out, refs, strict=True))
         mixed_rel = max(max_rel_diff(m, r) for m, r in zip(mixed_out, refs, strict=True))
-        t = _measure(eager, fast, (pipe, dense_only, mixed), host, dev, iters, device)
+        t = _measure(
+            eager, fast, (pipe, dense_only, mixed), host, dev, iters, device, warmup, rounds
+        )
         eager_ms, fast_ms, dense_ms, mixed_ms, eager_dev_ms, fast_dev_ms, eager_emb_ms = t[:7]
         fast_emb_ms = t[7]
         row = {
