@@ -284,13 +284,13 @@ class GPUPipeline:
         if size is None:
             self.join_refusal = f"{b} items: more than the largest graph bucket"
             return None
-        from recserve.kernels.join import join_plan, join_queries
+        from recserve.kernels.join import PLAN_COLUMNS, join_plan, join_queries
 
         g = self._next_graph(parts[0], parts[0].sparse, size, n)
         stream = self._copy_stream
         assert stream is not None
         plan = torch.from_numpy(join_plan(parts, size)).reshape(-1)
-        plan = self._stage.stage("join", plan).view(-1, 7)
+        plan = self._stage.stage("join", plan).view(-1, PLAN_COLUMNS)
         head = len(self.keys) * size + 1
         stream.wait_event(g.free)
         with torch.cuda.stream(stream):

@@ -351,8 +351,8 @@ def bench_model(
             deadline += one_off
         probe = engine_measure(engine, pool, opts["plan"], medium)
         measure = timed(probe, deadline)
-        # the CPU-only phases may use CPU_SHARE of the model's time when a GPU climb follows
-        # (CPU probes at tens of QPS are slow, and left the GPU climb no time on wnd)
+        # when a GPU climb follows, the CPU-only climb must end by CPU_SHARE of the model's
+        # remaining time (CPU probes at tens of QPS are slow, and left wnd no GPU climb)
         cpu_end = time.monotonic() + CPU_SHARE * max(0.0, deadline - time.monotonic())
         measure_cpu = timed(probe, cpu_end if has_gpu else deadline)
         start = 0.5 * saturation_qps(engine, pool, STATIC_CPU["cpu-whole"], seconds=0.5)
@@ -434,7 +434,8 @@ def runner_overhead(model: RecModel, engine: RecEngine, pool: QueryPool) -> dict
 
 
 CPU_SHARE = 0.5
-"""Of a model's time, what its CPU-only baselines and climb may use when a GPU climb follows."""
+"""Of a model's time after its one-off measurements, the part by whose end its CPU-only climb
+stops when a GPU climb follows (the static baselines count against it but always run)."""
 
 
 class OutOfTime(RuntimeError):

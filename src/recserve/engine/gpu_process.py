@@ -153,10 +153,10 @@ class GpuProcessRunner:
         """Shared regions the runner has mapped: id -> (address here, size)."""
         self._next_region = 0
         self.zero_copy_batches = 0
-        self.routes = [0] * len(INPUT_ROUTES)
-        """Batches answered, by how the runner read their inputs (:data:`INPUT_ROUTES`)."""
         """Batches this process did not copy: one query the runner read where it was, or
         several the runner joined into the slot itself."""
+        self.routes = [0] * len(INPUT_ROUTES)
+        """Batches answered, by how the runner read their inputs (:data:`INPUT_ROUTES`)."""
         self.info: dict[str, Any] = {}
         self._start_timeout = start_timeout
 

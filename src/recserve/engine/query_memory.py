@@ -95,7 +95,7 @@ class QueryMemory:
         from recserve.storage.host import register_host_memory
 
         try:
-            register_host_memory(self.address, self.size - self.size % mmap.PAGESIZE)
+            register_host_memory(self.address, self.size)  # whole pages already
         except Exception:
             return False
         self._pinned = True

@@ -37,7 +37,9 @@ import triton.language as tl
 from recserve.types import Batch
 
 OFFSETS, IDS, DENSE = 0, 1, 2
-_NCOL = 7  # role, then up to six fields
+PLAN_COLUMNS = 7
+"""Columns of a plan row: the role, then up to six fields."""
+_NCOL = PLAN_COLUMNS
 CHUNK = 1 << 15
 """Elements a copy program moves (256 KB of ids): enough programs to keep PCIe busy."""
 BLOCK = 1024

@@ -656,7 +656,7 @@ def measure_saturation(engine: InferenceEngine, server: ServerProcess, name: str
             run = closed_loop(lambda: lambda b: engine.submit(b).result(), queries, callers,
                               seconds)  # fmt: skip
             if counts is not None:
-                run["engine"] = _counts_delta(counts, gpu_counts(engine.stats()))
+                run["engine"] = _delta(counts, gpu_counts(engine.stats()))
             roles = cpu_roles(before, cpu_by_process(here, skip=server.proc.pid),
                               run["seconds"], run["queries"])  # fmt: skip
             roles["callers_and_engine"] = roles.pop("root")  # this process: callers' threads too
@@ -666,7 +666,7 @@ def measure_saturation(engine: InferenceEngine, server: ServerProcess, name: str
                 before = cpu_by_process(server.proc.pid)
                 counts = server_gpu_counts(server, name)
                 run = closed_loop_processes(proto, url, name, config, queries, callers, seconds)
-                run["engine"] = _counts_delta(counts, server_gpu_counts(server, name))
+                run["engine"] = _delta(counts, server_gpu_counts(server, name))
                 roles = cpu_roles(before, cpu_by_process(server.proc.pid), run["seconds"],
                                   run["queries"])  # fmt: skip
                 roles["server"] = roles.pop("root")
@@ -682,7 +682,7 @@ def measure_saturation(engine: InferenceEngine, server: ServerProcess, name: str
                             "cpu": _merge_cpu(cpu[proto], elapsed, done)}  # fmt: skip
             if all("engine" in p for p in parts):  # the engine's batches: joins, and how
                 total = {k: sum(p["engine"][k] for p in parts) for k in _GPU_COUNTS}
-                level[proto]["engine"] = _counts_delta(dict.fromkeys(_GPU_COUNTS, 0.0), total)
+                level[proto]["engine"] = _per_batch(total)
         levels.append(level)
     result: dict[str, Any] = {"model": name, "levels": levels}
     for proto in ("inprocess", "http", "grpc"):
@@ -724,10 +724,13 @@ def server_gpu_counts(server: ServerProcess, model: str) -> dict[str, float]:
     return out
 
 
-def _counts_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    out = {k: after[k] - before[k] for k in before}
-    out["queries_per_batch"] = out["gpu_queries"] / max(out["gpu_batches"], 1.0)
-    return out
+def _delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return _per_batch({k: after[k] - before[k] for k in before})
+
+
+def _per_batch(counts: dict[str, float]) -> dict[str, float]:
+    """``counts`` with the queries per GPU batch they imply."""
+    return {**counts, "queries_per_batch": counts["gpu_queries"] / max(counts["gpu_batches"], 1.0)}
 
 
 def _merge_cpu(
