@@ -3,10 +3,11 @@
 Sequential 256-item queries (one caller): the in-process engine's p50, then over HTTP and gRPC
 the client's p50 next to what the server's ``/metrics`` say of the same queries (the front
 end's handler time, and the engine's time for the query), and the plain loopback TCP round
-trip of a body that size. Optionally (``--saturation-s``) closed-loop HTTP QPS at 32 and 64
-callers, to show what a setting costs in throughput.
+trip of a body that size. Optionally (``--saturation-s``) closed-loop HTTP and gRPC QPS at 32
+and 64 callers, to show what a setting costs in throughput. Polling is limited to a light load
+as in the server (``--busy-poll-max-outstanding``, default 1).
 
-    PYTHONPATH=src python benchmarks/probe_server_latency.py --busy-poll-us 0 2000 \\
+    PYTHONPATH=src python benchmarks/probe_server_latency.py --busy-poll-us 0 1000 \\
         --saturation-s 4 --out benchmarks/results
 
 Writes ``<out>/<device>/server_latency_probe.json`` (``summary`` first: HTTP and gRPC p50
@@ -88,10 +89,11 @@ def tcp_round_trip_ms(nbytes: int, n: int = 200) -> float:
 
 
 def probe(model_name: str, preset: str, device: str, frontends: int, busy: int, n: int,
-          saturation_s: float) -> dict[str, Any]:  # fmt: skip
+          saturation_s: float, max_outstanding: int = 1) -> dict[str, Any]:  # fmt: skip
     opts = BenchOptions(models=(model_name,), preset=preset, frontends=frontends, device=device,
-                        engine="rec", busy_poll_us=busy)  # fmt: skip
-    result: dict[str, Any] = {"busy_poll_us": busy}
+                        engine="rec", busy_poll_us=busy,
+                        busy_poll_max_outstanding=max_outstanding)  # fmt: skip
+    result: dict[str, Any] = {"busy_poll_us": busy, "busy_poll_max_outstanding": max_outstanding}
     with tempfile.TemporaryDirectory(prefix="recserve-probe-") as tmp:
         repo = Path(tmp)
         save_model(build_model(model_name, preset, seed=0), repo / model_name)
@@ -126,10 +128,12 @@ def probe(model_name: str, preset: str, device: str, frontends: int, busy: int, 
                     "engine_mean_ms": d["compute_sum"] / max(d["compute_count"], 1) * 1e3,
                 }
             if saturation_s > 0:
+                urls = {"http": server.http_url, "grpc": server.grpc_url}
                 for callers in (32, 64):
-                    run = closed_loop_processes("http", server.http_url, model_name, config,
-                                                queries, callers, saturation_s)  # fmt: skip
-                    result[f"http_qps_{callers}_callers"] = run["qps"]
+                    for proto, url in urls.items():
+                        run = closed_loop_processes(proto, url, model_name, config, queries,
+                                                    callers, saturation_s)  # fmt: skip
+                        result[f"{proto}_qps_{callers}_callers"] = run["qps"]
         finally:
             server.stop()
     return result
@@ -144,6 +148,8 @@ def main() -> None:
     parser.add_argument("--busy-poll-us", type=int, nargs="+", default=[0])
     parser.add_argument("-n", type=int, default=200, help="timed queries per side")
     parser.add_argument("--saturation-s", type=float, default=0.0)
+    parser.add_argument("--busy-poll-max-outstanding", type=int, default=1,
+                        help="poll only while at most this many answers are outstanding")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -151,15 +157,17 @@ def main() -> None:
     runs = []
     for busy in args.busy_poll_us:
         r = probe(args.model, args.preset, str(device), args.frontends, busy, args.n,
-                  args.saturation_s)  # fmt: skip
+                  args.saturation_s, args.busy_poll_max_outstanding)  # fmt: skip
         runs.append(r)
+        qps = "; ".join(f"{k} {v:.0f}" for k, v in r.items() if "_qps_" in k)
         print(
             f"busy-poll {busy:5d} us: in-process {r['inprocess_p50_ms']:.2f} ms; "
             + "; ".join(
                 f"{p} {r[p]['p50_ms']:.2f} ms (handler {r[p]['handler_mean_ms']:.2f}, "
                 f"engine {r[p]['engine_mean_ms']:.2f})"
                 for p in ("http", "grpc")
-            ),
+            )
+            + (f"; {qps}" if qps else ""),
             flush=True,
         )
     body_bytes = sum(t.nbytes for t in _body_arrays(args.model, args.preset))
@@ -168,6 +176,7 @@ def main() -> None:
         for r in runs
         for p in ("http", "grpc")
     }
+    summary["busy_poll_max_outstanding"] = args.busy_poll_max_outstanding
     body = {"model": args.model, "preset": args.preset, "frontends": args.frontends,
             "request_bytes": body_bytes, "tcp_round_trip_ms": tcp_round_trip_ms(body_bytes),
             "runs": runs}  # fmt: skip

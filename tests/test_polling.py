@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import selectors
 import socket
 import threading
@@ -10,7 +11,7 @@ import time
 
 import pytest
 
-from recserve.polling import PollingSelector, select_readable
+from recserve.polling import PollingSelector, default_busy_poll_us, light_load, select_readable
 
 
 @pytest.mark.parametrize("spin_s", [0.0, 0.02])
@@ -104,6 +105,63 @@ def test_polling_selector_returns_ready_events_and_respects_timeouts() -> None:
         assert [key.fileobj for key, _ in ready] == [a]
         selector.busy = lambda: False  # not busy: no polling, same answers
         assert [key.fileobj for key, _ in selector.select(1.0)] == [a]
+    finally:
+        selector.close()
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize(
+    ("outstanding", "limit", "expected"),
+    [(0, 1, False), (1, 1, True), (2, 1, False), (0, 0, False), (5, 0, True), (3, 4, True)],
+)
+def test_light_load_polls_with_one_to_limit_answers_outstanding(
+    outstanding: int, limit: int, expected: bool
+) -> None:
+    assert light_load(outstanding, limit) is expected
+
+
+@pytest.mark.parametrize(("cores", "expected"), [(2, 0), (7, 0), (8, 1000), (16, 1000), (None, 0)])
+def test_busy_polling_is_on_by_default_only_on_machines_with_cores_to_spare(
+    monkeypatch: pytest.MonkeyPatch, cores: int | None, expected: int
+) -> None:
+    from recserve.engine.config import EngineConfig
+    from recserve.server.settings import ServingConfig
+
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    assert default_busy_poll_us() == expected
+    assert ServingConfig().busy_poll_us == expected == EngineConfig().busy_poll_us
+    with pytest.raises(ValueError, match="busy_poll_max_outstanding"):
+        EngineConfig(busy_poll_max_outstanding=-1)
+    with pytest.raises(ValueError, match="busy_poll_max_outstanding"):
+        ServingConfig(busy_poll_max_outstanding=-1)
+
+
+def test_polling_selector_under_a_light_load_rule_stops_polling_when_load_grows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A selector whose ``busy`` is the light-load rule polls with one answer outstanding and
+    waits in the kernel with more."""
+    base = selectors.DefaultSelector.select
+    polls: list[float | None] = []
+
+    def counting(self, timeout=None):  # type: ignore[no-untyped-def]
+        if timeout == 0:
+            polls.append(timeout)
+        return base(self, timeout)
+
+    monkeypatch.setattr(selectors.DefaultSelector, "select", counting)
+    outstanding = [1]
+    selector = PollingSelector(0.02, busy=lambda: light_load(outstanding[0], 1))
+    a, b = socket.socketpair()
+    try:
+        selector.register(a, 1)
+        assert selector.select(0.03) == []
+        assert len(polls) > 5
+        polls.clear()
+        outstanding[0] = 3
+        assert selector.select(0.03) == []
+        assert polls == []
     finally:
         selector.close()
         a.close()

@@ -6,12 +6,17 @@ than a back-to-back round trip shows (on the H200 machine a unix-socket round tr
 processes takes 12 µs back to back, 51 µs after 0.5 ms idle and 108 µs after 10 ms idle:
 ``benchmarks/probe_wakeup.py``), and the code that runs just after a wake-up runs slower too.
 Polling for the answer a process is waiting for keeps its core awake over that wait, at the
-price of that core's time: like Linux's ``net.core.busy_poll``, it is off unless asked for
-(``busy_poll_us``), and it polls only while the process has work outstanding.
+price of that core's time. Like Linux's ``net.core.busy_poll``, that trade pays only when a
+core is free, so a process polls only under a light load: while it has at least one and at
+most ``busy_poll_max_outstanding`` answers outstanding (:func:`light_load`). Under a heavy
+load there is always an answer on its way, polling would take cores the other processes need,
+and a process waits in the kernel as before. The default window (:func:`default_busy_poll_us`)
+is 1 ms on a machine of at least 8 cores, else off.
 """
 
 from __future__ import annotations
 
+import os
 import select
 import selectors
 import time
@@ -19,6 +24,22 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+POLL_MIN_CORES = 8
+"""The fewest cores on which busy polling is on by default."""
+DEFAULT_POLL_US = 1000
+
+
+def default_busy_poll_us() -> int:
+    """The default poll window: :data:`DEFAULT_POLL_US` on a machine of at least
+    :data:`POLL_MIN_CORES` cores (a poller then leaves the others free), else 0 (off)."""
+    return DEFAULT_POLL_US if (os.cpu_count() or 1) >= POLL_MIN_CORES else 0
+
+
+def light_load(outstanding: int, limit: int) -> bool:
+    """Whether a process with ``outstanding`` answers on their way may poll for them: at least
+    one, and at most ``limit`` (0: any number)."""
+    return outstanding > 0 and (limit <= 0 or outstanding <= limit)
 
 
 def poll_then_wait(

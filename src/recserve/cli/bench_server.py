@@ -100,7 +100,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         type=int,
         default=d.busy_poll_us,
         help="busy polling of the front ends and the rec engine, in-process and in the server "
-        "alike (recserve serve --busy-poll-us; default %(default)s: off)",
+        "alike (recserve serve --busy-poll-us; default %(default)s; 0: off)",
+    )
+    p.add_argument(
+        "--busy-poll-max-outstanding",
+        type=int,
+        default=d.busy_poll_max_outstanding,
+        help="poll only while at most this many answers are outstanding (default %(default)s; "
+        "0: however many)",
     )
     p.add_argument("--out", type=Path, default=d.out, help="results folder")
     p.set_defaults(func=run)
@@ -127,6 +134,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         frontends=args.frontends,
         intra_op_threads=args.intra_op_threads,
         busy_poll_us=args.busy_poll_us,
+        busy_poll_max_outstanding=args.busy_poll_max_outstanding,
         out=args.out,
         name="bench_server_quick" if args.quick else "bench_server",
         **fields,

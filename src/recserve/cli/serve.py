@@ -144,8 +144,15 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=s.busy_poll_us,
         help="front ends and the rec engine poll for the answers they wait on, without "
-        "sleeping, for up to this long: lower latency on a lightly loaded machine, for the "
-        "cores' time (default %(default)s: off)",
+        "sleeping, for up to this long: lower latency, for a core's time (default "
+        "%(default)s: on with 8 or more cores; 0: off)",
+    )
+    p.add_argument(
+        "--busy-poll-max-outstanding",
+        type=int,
+        default=s.busy_poll_max_outstanding,
+        help="poll only while a process has at most this many answers outstanding, a light "
+        "load where a core is free (default %(default)s; 0: however many)",
     )
     p.add_argument(
         "--no-model-control", action="store_true", help="disable the load/unload endpoints"
@@ -164,6 +171,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         intra_op_threads=args.intra_op_threads,
         device=args.device,
         busy_poll_us=args.busy_poll_us,
+        busy_poll_max_outstanding=args.busy_poll_max_outstanding,
     )
     if not args.repository.is_dir():
         raise FileNotFoundError(f"model repository {args.repository} is not a folder")

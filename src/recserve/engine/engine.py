@@ -43,7 +43,7 @@ from recserve.engine.shared import (
     unlink_shared_model,
 )
 from recserve.pipeline import runner_model
-from recserve.polling import select_readable
+from recserve.polling import light_load, select_readable
 from recserve.types import Batch
 
 log = logging.getLogger(__name__)
@@ -286,6 +286,7 @@ class RecEngine:
         out["device"] = str(self.device) if self.device is not None else "none"
         out["schedule"] = self.core.scheduler.config.to_dict()
         out["busy_poll_us"] = self.engine_config.busy_poll_us
+        out["busy_poll_max_outstanding"] = self.engine_config.busy_poll_max_outstanding
         out["loop_cpu_s"] = self._loop_cpu_s
         if isinstance(self._gpu, GpuProcessRunner):
             out["gpu_zero_copy_batches"] = self._gpu.zero_copy_batches
@@ -390,7 +391,8 @@ class RecEngine:
             waitables += self._gpu.waitables()
         readers = self._readers
         waitables += readers
-        spin = self._spin_s if self.core.in_system else 0.0
+        busy = light_load(self.core.in_system, self.engine_config.busy_poll_max_outstanding)
+        spin = self._spin_s if busy else 0.0
         ready = select_readable(waitables, timeout, spin)
         if readers:
             self._ready = [fd for fd in ready if fd in readers]

@@ -32,7 +32,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ from recserve.engine.gpu_process import INPUT_ROUTES
 from recserve.engine.interface import InferenceEngine
 from recserve.loadgen.synthetic import QueryFactory
 from recserve.models import build_model, load_model, save_model
+from recserve.polling import default_busy_poll_us
 from recserve.procname import process_name
 from recserve.runtime import resolve_device
 from recserve.server.client import GRPCClient, HTTPClient, InferError, batch_tensors
@@ -94,9 +95,11 @@ class BenchOptions:
     intra_op_threads: int = 1
     """Torch threads per engine worker, in-process and in the server alike (and of both
     processes' other threads: validation, clients)."""
-    busy_poll_us: int = 0
+    busy_poll_us: int = field(default_factory=default_busy_poll_us)
     """Busy polling of the front ends and the rec engine (``recserve serve --busy-poll-us``),
     in-process and in the server alike."""
+    busy_poll_max_outstanding: int = 1
+    """... while at most this many answers are outstanding (``--busy-poll-max-outstanding``)."""
     seed: int = 0
     out: Path = Path("benchmarks/results")
     name: str = "bench_server"
@@ -361,6 +364,7 @@ def in_process_engine(model: torch.nn.Module, opts: BenchOptions) -> InferenceEn
         max_items=max(4096, opts.batch),
         max_inflight_batches=inflight_batches(opts),
         busy_poll_us=opts.busy_poll_us,
+        busy_poll_max_outstanding=opts.busy_poll_max_outstanding,
     )
     if opts.engine == "rec":  # the engine itself, here (the server runs it in a process of its own)
         return RecEngine(model.cpu(), rec_engine_config(serving))
@@ -381,6 +385,7 @@ class ServerProcess:
             "--torch-threads", str(opts.intra_op_threads),
             "--engine", opts.engine, "--max-inflight-batches", str(inflight_batches(opts)),
             "--busy-poll-us", str(opts.busy_poll_us),
+            "--busy-poll-max-outstanding", str(opts.busy_poll_max_outstanding),
         ]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None

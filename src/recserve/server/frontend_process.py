@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from recserve.config import ModelConfig
-from recserve.polling import PollingSelector
+from recserve.polling import PollingSelector, light_load
 from recserve.procname import set_process_name
 from recserve.server import ipc
 from recserve.server.batching import Result
@@ -440,7 +440,8 @@ async def _serve_frontend(spec: FrontendSpec, selector: PollingSelector | None =
         arena = ipc.Arena(path, max(16 << 20, 2 * settings.max_body_bytes))
     core = FrontendCore(settings, arena, spec.shm_registry)
     if selector is not None:
-        selector.busy = lambda: core.outstanding > 0
+        limit = settings.serving.busy_poll_max_outstanding
+        selector.busy = lambda: light_load(core.outstanding, limit)
     await core.connect(spec.ipc_path)
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, core.stopping.set)

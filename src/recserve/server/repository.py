@@ -80,12 +80,14 @@ def rec_engine_config(serving: ServingConfig) -> EngineConfig:
             queue_capacity=queue,
             gpu_max_inflight=max(2, serving.max_inflight_batches),
             busy_poll_us=serving.busy_poll_us,
+            busy_poll_max_outstanding=serving.busy_poll_max_outstanding,
         )
     return EngineConfig(
         device="none",
         max_query_items=items,
         queue_capacity=queue,
         busy_poll_us=serving.busy_poll_us,
+        busy_poll_max_outstanding=serving.busy_poll_max_outstanding,
     )
 
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from recserve.polling import default_busy_poll_us
+
 SERVING_FILE = "serving.json"
 
 
@@ -41,10 +43,13 @@ class ServingConfig:
     """Bounded queue of the local engine (batches)."""
     device: str = "cpu"
     """Where the model runs: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``."""
-    busy_poll_us: int = 0
+    busy_poll_us: int = field(default_factory=default_busy_poll_us)
     """Front-end processes and the rec engine poll, without sleeping, for up to this long for
-    the answers they wait on (:mod:`recserve.polling`): lower latency on a lightly loaded
-    machine, for the cores' time. 0: off."""
+    the answers they wait on (:mod:`recserve.polling`): lower latency, for a core's time.
+    0: off. Default: 1000 on a machine of at least 8 cores, else 0."""
+    busy_poll_max_outstanding: int = 1
+    """Poll only while a process has at most this many answers outstanding (a light load,
+    where a core is free); 0: however many."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -58,8 +63,10 @@ class ServingConfig:
                 raise ValueError(f"serving config: {name} must be >= 1")
         if self.max_queue_requests < 1 or self.engine_queue < 1:
             raise ValueError("serving config: queue sizes must be >= 1")
-        if self.busy_poll_us < 0:
-            raise ValueError("serving config: busy_poll_us must be >= 0")
+        if self.busy_poll_us < 0 or self.busy_poll_max_outstanding < 0:
+            raise ValueError(
+                "serving config: busy_poll_us and busy_poll_max_outstanding must be >= 0"
+            )
         if self.max_queue_delay_ms < 0:
             raise ValueError("serving config: max_queue_delay_ms must be >= 0")
 
