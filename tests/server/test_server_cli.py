@@ -183,3 +183,26 @@ def test_the_in_process_side_of_bench_server_is_the_engine_itself() -> None:
         )
     finally:
         engine.close()
+
+
+def test_the_rec_engine_on_a_gpu_takes_the_servers_batching_knobs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Front ends send requests to the rec engine directly, so on a GPU the engine does the
+    dynamic batching: the server's delay, slots and polling settings must reach it."""
+    import torch
+
+    from recserve.server import repository
+    from recserve.server.settings import ServingConfig
+
+    monkeypatch.setattr(repository, "resolve_device", lambda device: torch.device("cuda"))
+    serving = ServingConfig(
+        device="cuda", max_queue_delay_ms=1.5, max_inflight_batches=5, busy_poll_us=40,
+        busy_poll_max_outstanding=3,
+    )  # fmt: skip
+    config = repository.rec_engine_config(serving)
+    assert config.sched.gpu_max_delay == pytest.approx(1.5e-3)
+    assert config.sched.gpu_threshold == 0 and config.cpu_workers == 0
+    assert config.gpu_max_inflight == 5
+    assert (config.busy_poll_us, config.busy_poll_max_outstanding) == (40, 3)
+    assert repository.rec_engine_config(ServingConfig(device="cuda")).sched.gpu_max_delay == 0

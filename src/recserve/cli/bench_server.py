@@ -103,6 +103,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "alike (recserve serve --busy-poll-us; default %(default)s; 0: off)",
     )
     p.add_argument(
+        "--max-inflight-batches",
+        type=int,
+        default=d.max_inflight_batches,
+        help="engine calls in flight (the rec engine's GPU runner slots), in-process and in the "
+        "server alike (default: the engine's)",
+    )
+    p.add_argument(
+        "--max-queue-delay-ms",
+        type=float,
+        default=d.max_queue_delay_ms,
+        help="longest wait of a queued request for others to join its batch, in-process and in "
+        "the server alike (default %(default)s)",
+    )
+    p.add_argument(
         "--busy-poll-max-outstanding",
         type=int,
         default=d.busy_poll_max_outstanding,
@@ -135,6 +149,8 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         intra_op_threads=args.intra_op_threads,
         busy_poll_us=args.busy_poll_us,
         busy_poll_max_outstanding=args.busy_poll_max_outstanding,
+        max_inflight_batches=args.max_inflight_batches,
+        max_queue_delay_ms=args.max_queue_delay_ms,
         out=args.out,
         name="bench_server_quick" if args.quick else "bench_server",
         **fields,

@@ -100,6 +100,10 @@ class BenchOptions:
     in-process and in the server alike."""
     busy_poll_max_outstanding: int = 1
     """... while at most this many answers are outstanding (``--busy-poll-max-outstanding``)."""
+    max_inflight_batches: int | None = None
+    """Engine calls in flight (the rec engine's GPU runner slots); None: the engine's default."""
+    max_queue_delay_ms: float = 0.0
+    """How long the oldest queued request may wait for others to join its batch."""
     seed: int = 0
     out: Path = Path("benchmarks/results")
     name: str = "bench_server"
@@ -346,8 +350,10 @@ def role_cpu(parts: list[float], seconds: float, queries: int) -> dict[str, floa
 
 
 def inflight_batches(opts: BenchOptions) -> int:
-    """Engine calls the batcher keeps in flight: the runner's slots for ``rec``, else the
-    server's default."""
+    """Engine calls the batcher keeps in flight: as given, else the runner's slots for ``rec``,
+    else the server's default."""
+    if opts.max_inflight_batches is not None:
+        return opts.max_inflight_batches
     if opts.engine == "rec":
         return EngineConfig().gpu_max_inflight
     return ServingConfig().max_inflight_batches
@@ -363,6 +369,7 @@ def in_process_engine(model: torch.nn.Module, opts: BenchOptions) -> InferenceEn
         intra_op_threads=opts.intra_op_threads,
         max_items=max(4096, opts.batch),
         max_inflight_batches=inflight_batches(opts),
+        max_queue_delay_ms=opts.max_queue_delay_ms,
         busy_poll_us=opts.busy_poll_us,
         busy_poll_max_outstanding=opts.busy_poll_max_outstanding,
     )
@@ -386,6 +393,7 @@ class ServerProcess:
             "--engine", opts.engine, "--max-inflight-batches", str(inflight_batches(opts)),
             "--busy-poll-us", str(opts.busy_poll_us),
             "--busy-poll-max-outstanding", str(opts.busy_poll_max_outstanding),
+            "--max-queue-delay-ms", str(opts.max_queue_delay_ms),
         ]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None

@@ -64,7 +64,8 @@ def rec_engine_config(serving: ServingConfig) -> EngineConfig:
     ``cuda``/``auto`` with one present) every request goes to the engine's GPU runner process
     (whole-forward CUDA graphs), queued requests coalesced into one batch; on the CPU: CPU
     worker processes, the requests split DeepRecSys-style. ``max_inflight_batches`` sets the
-    runner's slots."""
+    runner's slots, and ``max_queue_delay_ms`` how long the oldest queued request may wait for
+    others to join its GPU batch."""
     from recserve.engine import EngineConfig, SchedConfig
 
     device = resolve_device(serving.device)
@@ -72,8 +73,12 @@ def rec_engine_config(serving: ServingConfig) -> EngineConfig:
     # the batcher hands it every request alone (it coalesces itself), up to the server's bound
     queue = max(serving.engine_queue, serving.max_inflight_batches, serving.max_queue_requests)
     if device.type == "cuda":
+        # the engine coalesces here, so the server's batching delay is its coalescing delay
+        delay = serving.max_queue_delay_ms / 1000
         return EngineConfig(
-            sched=SchedConfig(sub_batch_size=None, gpu_threshold=0, gpu_max_batch=items),
+            sched=SchedConfig(
+                sub_batch_size=None, gpu_threshold=0, gpu_max_batch=items, gpu_max_delay=delay
+            ),
             cpu_workers=0,
             device=str(device),
             max_query_items=items,

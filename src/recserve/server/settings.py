@@ -27,7 +27,8 @@ class ServingConfig:
     max_queue_delay_ms: float = 0.0
     """Longest a request waits for others to join its batch while an engine slot is free. With
     0 a request goes as soon as a slot is free, and requests that arrive while every slot is
-    busy are joined (batching adapts to load, never adds latency at low load)."""
+    busy are joined (batching adapts to load, never adds latency at low load). With the rec
+    engine on a GPU, the engine coalesces the requests itself, and this is its delay."""
     max_inflight_batches: int = 2
     """Engine calls in flight at once (slots); more requests wait in the batcher."""
     max_queue_requests: int = 256
