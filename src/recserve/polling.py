@@ -10,8 +10,9 @@ price of that core's time. Like Linux's ``net.core.busy_poll``, that trade pays 
 core is free, so a process polls only under a light load: while it has at least one and at
 most ``busy_poll_max_outstanding`` answers outstanding (:func:`light_load`). Under a heavy
 load there is always an answer on its way, polling would take cores the other processes need,
-and a process waits in the kernel as before. The default window (:func:`default_busy_poll_us`)
-is 1 ms on a machine of at least 8 cores, else off.
+and a process waits in the kernel as before. The server's default window
+(:func:`default_busy_poll_us`) is 1 ms on a machine of at least 8 cores, else off; an engine
+made in the caller's process polls only when asked to.
 """
 
 from __future__ import annotations

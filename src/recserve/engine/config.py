@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 
-from recserve.polling import default_busy_poll_us
-
 
 @dataclass(frozen=True)
 class SchedConfig:
@@ -114,10 +112,12 @@ class EngineConfig:
     shared_dir: str | None = None
     """Folder for the shared weights and staging files; default ``/dev/shm`` when it has room,
     else the temp folder."""
-    busy_poll_us: int = field(default_factory=default_busy_poll_us)
+    busy_poll_us: int = 0
     """While queries are in the engine, its loop polls for their answers without sleeping for
     up to this long before it waits in the kernel (:mod:`recserve.polling`): lower latency,
-    for a core's time. 0: off. Default: 1000 on a machine of at least 8 cores, else 0."""
+    for a core's time. 0: off. Off by default here: the loop shares its process's interpreter
+    lock with the callers, and in-process no gain was measured; the server turns it on for
+    its engine process (``ServingConfig.busy_poll_us``)."""
     busy_poll_max_outstanding: int = 1
     """Poll only while at most this many queries are in the engine (a light load, where a
     core is free); 0: however many."""
