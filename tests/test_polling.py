@@ -66,24 +66,38 @@ def test_polling_selector_drives_an_event_loop() -> None:
         assert runner.run(main()) == b"ping"
 
 
-def test_polling_selector_polls_only_while_busy(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def polls(monkeypatch: pytest.MonkeyPatch) -> list[float | None]:
+    """The non-blocking selects (polls) the selectors make from here on."""
     base = selectors.DefaultSelector.select
-    polls: list[float | None] = []
+    seen: list[float | None] = []
 
     def counting(self, timeout=None):  # type: ignore[no-untyped-def]
         if timeout == 0:
-            polls.append(timeout)
+            seen.append(timeout)
         return base(self, timeout)
 
     monkeypatch.setattr(selectors.DefaultSelector, "select", counting)
+    return seen
+
+
+@pytest.mark.parametrize("rule", ["busy flag", "light load"])
+def test_polling_selector_polls_only_while_busy(polls: list[float | None], rule: str) -> None:
+    """It polls through its window while ``busy()``, and makes one plain wait when not: with a
+    plain flag, and with the light-load rule (one answer outstanding, then three)."""
+    state = {"busy": True, "outstanding": 1}
+    if rule == "busy flag":
+        busy = lambda: bool(state["busy"])  # noqa: E731
+    else:
+        busy = lambda: light_load(state["outstanding"], 1)  # noqa: E731
     a, b = socket.socketpair()
-    selector = PollingSelector(0.02, busy=lambda: True)
+    selector = PollingSelector(0.02, busy=busy)
     try:
         selector.register(a, 1)
         assert selector.select(0.04) == []
         assert len(polls) > 5  # polled through its window, then waited
         polls.clear()
-        selector.busy = lambda: False
+        state.update(busy=False, outstanding=3)
         assert selector.select(0.04) == []
         assert polls == []  # not busy: one plain wait
     finally:
@@ -136,34 +150,3 @@ def test_busy_polling_is_on_by_default_only_on_machines_with_cores_to_spare(
         EngineConfig(busy_poll_max_outstanding=-1)
     with pytest.raises(ValueError, match="busy_poll_max_outstanding"):
         ServingConfig(busy_poll_max_outstanding=-1)
-
-
-def test_polling_selector_under_a_light_load_rule_stops_polling_when_load_grows(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A selector whose ``busy`` is the light-load rule polls with one answer outstanding and
-    waits in the kernel with more."""
-    base = selectors.DefaultSelector.select
-    polls: list[float | None] = []
-
-    def counting(self, timeout=None):  # type: ignore[no-untyped-def]
-        if timeout == 0:
-            polls.append(timeout)
-        return base(self, timeout)
-
-    monkeypatch.setattr(selectors.DefaultSelector, "select", counting)
-    outstanding = [1]
-    selector = PollingSelector(0.02, busy=lambda: light_load(outstanding[0], 1))
-    a, b = socket.socketpair()
-    try:
-        selector.register(a, 1)
-        assert selector.select(0.03) == []
-        assert len(polls) > 5
-        polls.clear()
-        outstanding[0] = 3
-        assert selector.select(0.03) == []
-        assert polls == []
-    finally:
-        selector.close()
-        a.close()
-        b.close()
