@@ -74,3 +74,4 @@ def test_queries_in_shared_memory_are_joined_on_the_device(name: str, join_on_de
     joined = routes["device_join" if join_on_device else "host_join"]
     assert joined > 0 and routes["device_join" if not join_on_device else "host_join"] == 0
     assert joined + routes["in_place"] == stats["gpu_batches"]
+    assert stats["gpu_runner_host_s"] > 0 and stats["gpu_runner_device_wait_s"] >= 0

@@ -263,8 +263,13 @@ def test_runner_replies_are_read_whole_across_partial_reads() -> None:
     however the socket splits the bytes."""
     from recserve.engine.gpu_process import pack_reply, take_replies
 
-    records = [(0, 0, None), (2, 3, "GPU runner: ValueError: é" * 300), (1, 1, None), (0, 2, "x")]
-    stream = b"".join(pack_reply(slot, err, route) for slot, route, err in records)
+    records = [
+        (0, 0, None, 5, 0),
+        (2, 3, "GPU runner: ValueError: é" * 300, 12_345, 0),
+        (1, 1, None, 2**40, 7),
+        (0, 2, "x", 0, 3),
+    ]
+    stream = b"".join(pack_reply(slot, err, route, h, w) for slot, route, err, h, w in records)
     for step in (1, 7, 16, 100, len(stream)):
         buf, got = bytearray(), []
         for start in range(0, len(stream), step):

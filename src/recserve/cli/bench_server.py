@@ -220,8 +220,15 @@ def print_report(result: dict[str, Any], console: Console | None = None) -> None
         e = level.get("engine")
         if e and e["gpu_batches"]:
             device = e.get("gpu_batches_by_input_device_join", 0.0) / e["gpu_batches"]
+            times = ""
+            if "runner_host_ms_per_batch" in e:  # files from before it was recorded have none
+                times = (
+                    f", runner {e['runner_host_ms_per_batch']:.2f} ms host + "
+                    f"{e['runner_device_wait_ms_per_batch']:.2f} ms waiting per batch"
+                )
             joins.append(
-                f"{label} {e['queries_per_batch']:.1f} queries/batch, {device:.0%} joined on the device"
+                f"{label} {e['queries_per_batch']:.1f} queries/batch, {device:.0%} joined on the "
+                f"device{times}"
             )
     if joins:  # files from before the engine's counts were recorded have none
         console.print("GPU batches at each best level: " + "; ".join(joins))

@@ -291,6 +291,8 @@ class RecEngine:
         if isinstance(self._gpu, GpuProcessRunner):
             out["gpu_zero_copy_batches"] = self._gpu.zero_copy_batches
             out["gpu_batches_by_input"] = dict(zip(INPUT_ROUTES, self._gpu.routes, strict=True))
+            out["gpu_runner_host_s"] = self._gpu.times.host_s
+            out["gpu_runner_device_wait_s"] = self._gpu.times.device_wait_s
         return out
 
     def close(self, drain: bool = True, timeout: float | None = None) -> None:

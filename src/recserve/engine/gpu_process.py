@@ -27,6 +27,7 @@ import queue
 import socket
 import struct
 import threading
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable
@@ -58,26 +59,39 @@ _PART = struct.Struct("<qqqqqq")
 ids."""
 _STOP, _MAP, _UNMAP = -1, -2, -3
 _JOINED = -2
-_REPLY = struct.Struct("<qqq")
-"""Runner -> engine: slot, how its inputs were read (one of :data:`INPUT_ROUTES`), then the
-length of an error text that follows (0: answered)."""
+_REPLY = struct.Struct("<qqqqq")
+"""Runner -> engine: slot, how its inputs were read (one of :data:`INPUT_ROUTES`), the
+runner's host time for the batch and its wait for the device (nanoseconds, see
+:class:`RunnerTimes`), then the length of an error text that follows (0: answered)."""
 INPUT_ROUTES = ("slot", "in_place", "host_join", "device_join")
 """How the runner read a batch: staged in its slot by the engine, one shared query read where
 it is, shared queries joined into the slot by the runner's threads, or joined on the device."""
 
 
-def take_replies(buf: bytearray) -> list[tuple[int, int, str | None]]:
+@dataclass
+class RunnerTimes:
+    """Where the runner's time went, summed over batches: ``host_s``, its launching thread's
+    work from a request in hand to the batch started on the device (reading or joining the
+    inputs, the launch itself; on the CPU, the whole forward); ``device_wait_s``, its
+    completing thread's wait for the device to finish a batch it had launched."""
+
+    host_s: float = 0.0
+    device_wait_s: float = 0.0
+
+
+def take_replies(buf: bytearray) -> list[tuple[int, int, str | None, int, int]]:
     """The complete reply records at the head of ``buf`` (removed from it), as ``(slot, input
-    route, error text or None)``; a partial record stays for the next read."""
-    replies: list[tuple[int, int, str | None]] = []
+    route, error text or None, host ns, device wait ns)``; a partial record stays for the next
+    read."""
+    replies: list[tuple[int, int, str | None, int, int]] = []
     start = 0
     while len(buf) - start >= _REPLY.size:
-        slot, route, length = _REPLY.unpack_from(buf, start)
+        slot, route, host_ns, wait_ns, length = _REPLY.unpack_from(buf, start)
         end = start + _REPLY.size + length
         if len(buf) < end:
             break
         text = bytes(buf[start + _REPLY.size : end]).decode() if length else None
-        replies.append((slot, route, text))
+        replies.append((slot, route, text, host_ns, wait_ns))
         start = end
     del buf[:start]
     return replies
@@ -156,6 +170,7 @@ class GpuProcessRunner:
         """Batches this process did not copy: one query the runner read where it was, or
         several the runner joined into the slot itself."""
         self.routes = [0] * len(INPUT_ROUTES)
+        self.times = RunnerTimes()
         """Batches answered, by how the runner read their inputs (:data:`INPUT_ROUTES`)."""
         self.info: dict[str, Any] = {}
         self._start_timeout = start_timeout
@@ -318,9 +333,11 @@ class GpuProcessRunner:
             self._die(out)
             return out
         self._buf += data
-        for slot, route, error in take_replies(self._buf):
+        for slot, route, error, host_ns, wait_ns in take_replies(self._buf):
             if 0 <= route < len(INPUT_ROUTES):
                 self.routes[route] += 1
+            self.times.host_s += host_ns * 1e-9
+            self.times.device_wait_s += wait_ns * 1e-9
             head, queries, b = self._inflight.popleft()
             assert head == slot, f"runner answered slot {slot}, expected {head}"
             if error is None:
@@ -548,11 +565,14 @@ def _next_request(sock: socket.socket, regions: _Regions) -> _Request | None:
         return None if r.slot < 0 else r
 
 
-def pack_reply(slot: int, error: str | None, route: int = 0) -> bytes:
-    """The runner's reply record for ``slot``: answered (``error`` None) or failed, and how
-    its inputs were read (an index into :data:`INPUT_ROUTES`)."""
+def pack_reply(
+    slot: int, error: str | None, route: int = 0, host_ns: int = 0, wait_ns: int = 0
+) -> bytes:
+    """The runner's reply record for ``slot``: answered (``error`` None) or failed, how its
+    inputs were read (an index into :data:`INPUT_ROUTES`), and its times (:class:`RunnerTimes`,
+    in nanoseconds)."""
     text = (error or "").encode()
-    return _REPLY.pack(slot, route, len(text)) + text
+    return _REPLY.pack(slot, route, host_ns, wait_ns, len(text)) + text
 
 
 def _describe(err: BaseException) -> str:
@@ -560,8 +580,15 @@ def _describe(err: BaseException) -> str:
     return f"GPU runner: {type(err).__name__}: {err}"
 
 
-def _reply(sock: socket.socket, slot: int, error: str | None, route: int = 0) -> None:
-    sock.sendall(pack_reply(slot, error, route))
+def _reply(
+    sock: socket.socket,
+    slot: int,
+    error: str | None,
+    route: int = 0,
+    host_ns: int = 0,
+    wait_ns: int = 0,
+) -> None:
+    sock.sendall(pack_reply(slot, error, route, host_ns, wait_ns))
 
 
 def _route(r: _Request) -> int:
@@ -590,13 +617,13 @@ def _cpu_loop(spec: RunnerSpec, sock: socket.socket, model: Any, arena: StagingA
     regions, copier = _Regions(torch.device("cpu")), Copier(spec.stage_threads)
     try:
         while (r := _next_request(sock, regions)) is not None:
-            error = None
+            error, began = None, time.perf_counter_ns()
             try:
                 arena.out[r.slot, : r.items] = model(_inputs(r, spec, arena, regions, copier))
             except Exception as err:  # reported to the engine, which fails the batch's queries
                 error = _describe(err)
             try:
-                _reply(sock, r.slot, error, _route(r))
+                _reply(sock, r.slot, error, _route(r), time.perf_counter_ns() - began)
             except OSError:
                 return
     finally:
@@ -625,7 +652,7 @@ class _CudaLoop:
             if registered
             else torch.empty(tuple(arena.out.shape), dtype=torch.float32, pin_memory=True)
         )
-        self.pending: queue.SimpleQueue[tuple[int, int, Any, str | None, int] | None] = (
+        self.pending: queue.SimpleQueue[tuple[int, int, Any, str | None, int, int] | None] = (
             queue.SimpleQueue()
         )
         self.refusals: set[str] = set()
@@ -637,6 +664,7 @@ class _CudaLoop:
         try:
             while (r := _next_request(self.sock, regions)) is not None:
                 route, nd = _route(r), self.arena.dense.shape[-1]
+                began = time.perf_counter_ns()
                 try:
                     event = None
                     if (
@@ -654,9 +682,11 @@ class _CudaLoop:
                     if event is None:
                         batch = _inputs(r, self.spec, self.arena, regions, copier)
                         event = self._launch(r.slot, r.items, batch)
-                    self.pending.put((r.slot, r.items, event, None, route))
+                    host_ns = time.perf_counter_ns() - began
+                    self.pending.put((r.slot, r.items, event, None, route, host_ns))
                 except Exception as err:
-                    self.pending.put((r.slot, r.items, None, _describe(err), route))
+                    host_ns = time.perf_counter_ns() - began
+                    self.pending.put((r.slot, r.items, None, _describe(err), route, host_ns))
         finally:
             self.pending.put(None)
             done.join(timeout=30)
@@ -688,15 +718,18 @@ class _CudaLoop:
 
     def _complete(self) -> None:
         while (item := self.pending.get()) is not None:
-            slot, b, event, error, route = item
+            slot, b, event, error, route, host_ns = item
+            wait_ns = 0
             if error is None:
                 try:
+                    began = time.perf_counter_ns()
                     event.synchronize()
+                    wait_ns = time.perf_counter_ns() - began
                     if not self.registered:
                         self.arena.out[slot, :b].copy_(self.out[slot, :b])
                 except Exception as err:
                     error = _describe(err)
             try:
-                _reply(self.sock, slot, error, route)
+                _reply(self.sock, slot, error, route, host_ns, wait_ns)
             except OSError:
                 return

@@ -711,6 +711,8 @@ _GPU_COUNTS = (
     "gpu_batches",
     "gpu_queries",
     *(f"gpu_batches_by_input_{r}" for r in INPUT_ROUTES),
+    "gpu_runner_host_s",
+    "gpu_runner_device_wait_s",
 )
 
 
@@ -742,8 +744,17 @@ def _delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float
 
 
 def _per_batch(counts: dict[str, float]) -> dict[str, float]:
-    """``counts`` with the queries per GPU batch they imply."""
-    return {**counts, "queries_per_batch": counts["gpu_queries"] / max(counts["gpu_batches"], 1.0)}
+    """``counts`` with what they imply per GPU batch: queries, and the runner's host time and
+    wait for the device in milliseconds."""
+    batches = max(counts["gpu_batches"], 1.0)
+    return {
+        **counts,
+        "queries_per_batch": counts["gpu_queries"] / batches,
+        "runner_host_ms_per_batch": counts.get("gpu_runner_host_s", 0.0) / batches * 1e3,
+        "runner_device_wait_ms_per_batch": (
+            counts.get("gpu_runner_device_wait_s", 0.0) / batches * 1e3
+        ),
+    }
 
 
 def _merge_cpu(
