@@ -69,7 +69,7 @@ def test_shared_queries_are_read_in_place_until_unshared(tmp_path: Path) -> None
         stats = engine.stats()
         assert stats["gpu_batches"] == 5
         # the runner on the CPU: its host time is each forward; it never waits for a device
-        assert 0 < stats["gpu_runner_host_s"] and stats["gpu_runner_device_wait_s"] == 0
+        assert stats["gpu_runner_host_s"] > 0 and stats["gpu_runner_device_wait_s"] == 0
     del shared, askew, data
     with contextlib.suppress(BufferError):  # a view the engine still holds goes with it
         mapping.close()
@@ -130,3 +130,20 @@ def test_only_parts_inside_the_locked_span_are_joined_on_the_device(tmp_path: Pa
         assert not regions.pinned((dataclasses.replace(part, region=8),), 2, 3)  # unknown
     finally:
         regions.close()
+
+
+def test_runner_overhead_reports_the_runners_time_per_batch() -> None:
+    """bench serve's engine-overhead measurement says where the runner's time per batch went
+    (on the CPU: all host work, no device wait)."""
+    from recserve.cli.bench_serve import runner_overhead
+    from recserve.loadgen.driver import QueryPool
+    from recserve.loadgen.sizes import QuerySizes
+
+    model = build_model("ncf", "tiny", seed=1)
+    pool = QueryPool(QueryFactory(model.config, seed=2), QuerySizes.parse("fixed:8"), pool_size=8)
+    config = EngineConfig(cpu_workers=0, device="cpu", max_query_items=64, queue_capacity=64)
+    with RecEngine(model, config) as engine:
+        result = runner_overhead(model, engine, pool)
+    assert result["engine_qps"] > 0 and result["tight_loop_qps"] > 0
+    assert result["runner_host_ms_per_batch"] > 0
+    assert result["runner_device_wait_ms_per_batch"] == 0

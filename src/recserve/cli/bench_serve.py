@@ -425,12 +425,21 @@ def runner_overhead(model: RecModel, engine: RecEngine, pool: QueryPool) -> dict
     assert engine.device is not None
     device = engine.device
     baseline = runner_baseline(model, engine)
-    return overhead(
+    before = engine.stats()
+    result = overhead(
         lambda: tight_loop_qps(
             baseline, pool.batches, device, 0.4, move=not isinstance(baseline, GPUPipeline)
         ),
         lambda: saturation_qps(engine, pool, STATIC_GPU["gpu-only"], seconds=0.4, outstanding=4),
     )
+    after = engine.stats()
+    batches = after.get("gpu_batches", 0) - before.get("gpu_batches", 0)
+    if batches > 0 and "gpu_runner_host_s" in after:  # the process runner reports its times
+        names = {"gpu_runner_host_s": "runner_host_ms_per_batch",
+                 "gpu_runner_device_wait_s": "runner_device_wait_ms_per_batch"}  # fmt: skip
+        for key, name in names.items():
+            result[name] = (after[key] - before[key]) / batches * 1e3
+    return result
 
 
 CPU_SHARE = 0.5
