@@ -94,6 +94,38 @@ def infer_error(stub: service_pb2_grpc.GRPCInferenceServiceStub, request: object
     return err.value
 
 
+def _established_to(port: int) -> int:
+    """TCP connections of this machine in state ESTABLISHED whose remote port is ``port`` (the
+    clients' ends of connections to a local server)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if int(fields[2].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+                    count += 1
+    return count
+
+
+def test_each_own_client_has_a_connection_of_its_own(
+    server: ServerThread, models: dict[str, RecModel]
+) -> None:
+    """Front-end processes share the gRPC port, and the kernel spreads connections over them:
+    clients that shared one connection (grpcio's default within a process) would all load the
+    same front end."""
+    port = int(server.grpc_url.rsplit(":", 1)[1])
+    model = models["ncf"]
+    before = _established_to(port)
+    clients = [GRPCClient(server.grpc_url) for _ in range(3)]
+    try:
+        for client in clients:
+            client.infer("ncf", model.config, query(model.config, 2))
+        assert _established_to(port) - before == 3
+    finally:
+        for client in clients:
+            client.close()
+
+
 def wnd_request(model: RecModel, batch_size: int = 4) -> service_pb2.ModelInferRequest:
     request = service_pb2.ModelInferRequest(model_name="wnd")
     for name, datatype, shape, data in batch_tensors(

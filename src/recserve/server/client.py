@@ -228,7 +228,12 @@ def send_buffers(sock: socket.socket, buffers: list[Any]) -> None:
 class GRPCClient:
     """KServe v2 gRPC with ``raw_input_contents``, serialized with one copy of the tensors
     (:func:`~recserve.server.grpc_wire.join_infer_request`). ``shared_memory_bytes``: inputs
-    through a system shared memory region instead, as for :class:`HTTPClient`."""
+    through a system shared memory region instead, as for :class:`HTTPClient`.
+
+    Each client has a connection of its own, as an :class:`HTTPClient` does. By default
+    grpcio lets every channel of a process to the same address share one connection (its
+    global subchannel pool), so a process's clients would all reach the same one of the
+    server's front-end processes."""
 
     def __init__(
         self, url: str, max_message_bytes: int = 256 << 20, shared_memory_bytes: int = 0
@@ -238,6 +243,7 @@ class GRPCClient:
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.use_local_subchannel_pool", 1),
         ]
         self._channel = grpc.insecure_channel(url, options=options)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
