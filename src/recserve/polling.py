@@ -20,11 +20,33 @@ from __future__ import annotations
 import os
 import select
 import selectors
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+LOCK_HANDOFF_S = 1e-4
+"""Switch interval for processes whose threads must hand the interpreter lock to each other
+promptly (:func:`prompt_lock_handoff`)."""
+
+
+def prompt_lock_handoff(interval_s: float = LOCK_HANDOFF_S) -> float:
+    """Make this process's interpreter lock change hands within ``interval_s`` when a thread
+    waits for it, and return the interval.
+
+    CPython gives the lock to a waiting thread only when the holder blocks for real or when
+    the waiter has waited a whole switch interval (5 ms by default) without the lock changing
+    hands. A holder that makes system calls which return at once (a read of data already
+    there) releases and retakes the lock each time, which counts as a change of hands, so a
+    waiter can wait as long as the holder stays busy. ``benchmarks/probe_gil_handoff.py``
+    shows it: with 300 µs of Python between such calls, a thread woken every 2 ms ran 1.5 s
+    late at 5 ms, 0.5 s late at 500 µs, and 0.2 ms late at 100 µs. An interval shorter than
+    the holder's stretches of Python between calls bounds the wait."""
+    sys.setswitchinterval(interval_s)
+    return sys.getswitchinterval()
+
 
 POLL_MIN_CORES = 8
 """The fewest cores on which busy polling is on by default."""

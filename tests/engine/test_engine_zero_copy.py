@@ -6,14 +6,17 @@ import contextlib
 import dataclasses
 import mmap
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from recserve.engine import EngineConfig, RecEngine, SchedConfig
 from recserve.loadgen.synthetic import QueryFactory
 from recserve.models.registry import build_model
+from recserve.polling import LOCK_HANDOFF_S
 from recserve.types import Batch, KeyedJagged
 
 
@@ -70,6 +73,9 @@ def test_shared_queries_are_read_in_place_until_unshared(tmp_path: Path) -> None
         assert stats["gpu_batches"] == 5
         # the runner on the CPU: its host time is each forward; it never waits for a device
         assert stats["gpu_runner_host_s"] > 0 and stats["gpu_runner_device_wait_s"] == 0
+        # its threads hand the interpreter lock over promptly (this process keeps its own)
+        assert engine._gpu.info["switch_interval_s"] == pytest.approx(LOCK_HANDOFF_S)
+        assert sys.getswitchinterval() != pytest.approx(LOCK_HANDOFF_S)
     del shared, askew, data
     with contextlib.suppress(BufferError):  # a view the engine still holds goes with it
         mapping.close()

@@ -41,6 +41,7 @@ from recserve.engine.batching import Copier, HostBuffers, concat_batches
 from recserve.engine.gpu_runner import split_output
 from recserve.engine.request import Completion, Query
 from recserve.engine.shared import ArenaSpec, StagingArena, load_shared_model, wait_for_child
+from recserve.polling import prompt_lock_handoff
 from recserve.procname import set_process_name
 from recserve.types import Batch, KeyedJagged
 
@@ -170,8 +171,8 @@ class GpuProcessRunner:
         """Batches this process did not copy: one query the runner read where it was, or
         several the runner joined into the slot itself."""
         self.routes = [0] * len(INPUT_ROUTES)
-        self.times = RunnerTimes()
         """Batches answered, by how the runner read their inputs (:data:`INPUT_ROUTES`)."""
+        self.times = RunnerTimes()
         self.info: dict[str, Any] = {}
         self._start_timeout = start_timeout
 
@@ -414,6 +415,9 @@ def _runner_main(spec: RunnerSpec, conn: Connection) -> None:
     """The runner's whole life: build the model, then run batches until told to stop (``None``)
     or the engine goes away."""
     set_process_name("recserve-gpu")
+    # The launching thread stays busy under load, and its reads of the next request return at
+    # once; the completing thread must still get the lock to answer each batch.
+    switch_interval = prompt_lock_handoff()
     try:
         torch.set_num_threads(1)
         device = torch.device(spec.device)
@@ -424,7 +428,12 @@ def _runner_main(spec: RunnerSpec, conn: Connection) -> None:
         conn.send(
             (
                 "ready",
-                {"pid": os.getpid(), "pipeline": pipeline is not None, "registered": registered},
+                {
+                    "pid": os.getpid(),
+                    "pipeline": pipeline is not None,
+                    "registered": registered,
+                    "switch_interval_s": switch_interval,
+                },
             )
         )
     except BaseException:
