@@ -261,8 +261,9 @@ def validate_sparse(sparse: KeyedJagged, config: ModelConfig) -> None:
     )
     longest = steps.reshape(len(keys), b).max(axis=1) if seqs and b else None
     bad = nonempty & ((mins < 0) | (maxs >= limits))
-    for f in range(len(keys)) if bad.any() or longest is not None else ():  # the first fault
-        key = keys[f]
+    if not bad.any() and longest is None:
+        return
+    for f, key in enumerate(keys):  # name the first fault
         seq = seqs.get(key)
         if seq is not None and longest is not None and int(longest[f]) > seq.max_len:
             raise ValueError(

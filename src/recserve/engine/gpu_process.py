@@ -673,9 +673,8 @@ class _CudaLoop:
         try:
             while (r := _next_request(self.sock, regions)) is not None:
                 route, nd = _route(r), self.arena.dense.shape[-1]
-                began = time.perf_counter_ns()
+                began, event, error = time.perf_counter_ns(), None, None
                 try:
-                    event = None
                     if (
                         r.parts
                         and self.pipeline is not None
@@ -691,11 +690,10 @@ class _CudaLoop:
                     if event is None:
                         batch = _inputs(r, self.spec, self.arena, regions, copier)
                         event = self._launch(r.slot, r.items, batch)
-                    host_ns = time.perf_counter_ns() - began
-                    self.pending.put((r.slot, r.items, event, None, route, host_ns))
                 except Exception as err:
-                    host_ns = time.perf_counter_ns() - began
-                    self.pending.put((r.slot, r.items, None, _describe(err), route, host_ns))
+                    event, error = None, _describe(err)
+                host_ns = time.perf_counter_ns() - began
+                self.pending.put((r.slot, r.items, event, error, route, host_ns))
         finally:
             self.pending.put(None)
             done.join(timeout=30)

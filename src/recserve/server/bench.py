@@ -750,10 +750,8 @@ def _per_batch(counts: dict[str, float]) -> dict[str, float]:
     return {
         **counts,
         "queries_per_batch": counts["gpu_queries"] / batches,
-        "runner_host_ms_per_batch": counts.get("gpu_runner_host_s", 0.0) / batches * 1e3,
-        "runner_device_wait_ms_per_batch": (
-            counts.get("gpu_runner_device_wait_s", 0.0) / batches * 1e3
-        ),
+        "runner_host_ms_per_batch": counts["gpu_runner_host_s"] / batches * 1e3,
+        "runner_device_wait_ms_per_batch": counts["gpu_runner_device_wait_s"] / batches * 1e3,
     }
 
 
