@@ -76,6 +76,34 @@ def test_padded_offsets_give_the_same_items(name: str) -> None:
         pad_offsets(s.offsets, f, 5, 4)
 
 
+@pytest.mark.parametrize(("batch", "size"), [(1, 1), (3, 3), (3, 7), (6, 16)])
+def test_padded_offsets_match_a_plain_loop(batch: int, size: int) -> None:
+    """Bag by bag, with empty bags and a feature with no ids at all."""
+    g = torch.Generator().manual_seed(batch * 100 + size)
+    f = 4
+    lengths = torch.randint(0, 4, (f, batch), generator=g)
+    lengths[1] = 0
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.reshape(-1).cumsum(0)])
+    want = []
+    for k in range(f):
+        want += [int(offsets[k * batch + i]) for i in range(batch)]
+        want += [int(offsets[(k + 1) * batch])] * (size - batch)
+    want.append(int(offsets[-1]))
+    assert pad_offsets(offsets, f, batch, size).tolist() == want
+
+
+def test_pipeline_writes_its_answer_into_a_given_tensor() -> None:
+    model = build_model("dlrm-rmc1", preset="tiny", seed=0)
+    pipe = GPUPipeline(model)
+    batch = QueryFactory(model.config, "uniform", seed=2).make(6)
+    out = torch.full((6, 1), -1.0)
+    with torch.inference_mode():
+        got = pipe(batch, out=out)
+        want = model(batch)
+    assert got is out
+    torch.testing.assert_close(out, want)
+
+
 def test_mixed_precision_rows_and_autocast_stay_close() -> None:
     model = build_model("dlrm-rmc2", preset="tiny", seed=0)
     batch = QueryFactory(model.config, "zipf:1.05", seed=4).make(16)

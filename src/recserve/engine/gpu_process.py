@@ -670,6 +670,8 @@ class _CudaLoop:
         done = threading.Thread(target=self._complete, name="recserve-gpu-done", daemon=True)
         done.start()
         regions, copier = _Regions(self.device), Copier(self.spec.stage_threads)
+        # This thread launches on the runner's stream only: set once, not per batch.
+        torch.cuda.set_stream(self.stream)
         try:
             while (r := _next_request(self.sock, regions)) is not None:
                 route, nd = _route(r), self.arena.dense.shape[-1]
@@ -702,19 +704,18 @@ class _CudaLoop:
 
     def _launch(self, slot: int, b: int, batch: Batch | list[Batch]) -> torch.cuda.Event | None:
         """Start ``batch`` (or queries in shared regions to join on the device: None when the
-        pipeline cannot, and nothing was started)."""
-        with torch.cuda.stream(self.stream):
-            if isinstance(batch, list):
-                out = self.pipeline.call_joined(batch)
-                if out is None:
-                    return None
-            elif self.pipeline is not None:
-                out = self.pipeline(batch)
-            else:
-                out = self.model(batch.to(self.device, non_blocking=True))
+        pipeline cannot, and nothing was started). Runs on the runner's stream, the
+        thread's current one."""
+        if isinstance(batch, list):
+            if self.pipeline.call_joined(batch, out=self.out[slot, :b]) is None:
+                return None
+        elif self.pipeline is not None:
+            self.pipeline(batch, out=self.out[slot, :b])
+        else:
+            out = self.model(batch.to(self.device, non_blocking=True))
             self.out[slot, :b].copy_(out, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(self.stream)
+        event = torch.cuda.Event()
+        event.record(self.stream)
         return event
 
     def _refused(self, reason: str) -> None:
