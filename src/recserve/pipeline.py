@@ -189,11 +189,13 @@ class GPUPipeline:
         self._copy_stream = torch.cuda.Stream(self.device) if self.on_cuda else None
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
-    @torch.inference_mode()
     def __call__(self, batch: Batch, out: torch.Tensor | None = None) -> torch.Tensor:
         """Probabilities ``[B, num_tasks]`` on the model's device (not synchronised); with
         ``out`` (``[B, num_tasks]`` float32, e.g. page-locked host memory), copied there on the
         current stream instead, and ``out`` returned: one copy fewer than copying the result."""
+        if not torch.is_inference_mode_enabled():  # a runner is in it already: no re-entry
+            with torch.inference_mode():
+                return self(batch, out)
         self.inputs_read = None
         if not self.on_cuda:
             with self._precision():

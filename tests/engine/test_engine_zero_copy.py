@@ -151,5 +151,8 @@ def test_runner_overhead_reports_the_runners_time_per_batch() -> None:
     with RecEngine(model, config) as engine:
         result = runner_overhead(model, engine, pool)
     assert result["engine_qps"] > 0 and result["tight_loop_qps"] > 0
+    levels = result["engine_qps_by_outstanding"]
+    assert set(levels) == {"4", "16"}
+    assert result["engine_qps"] == max(levels.values())
     assert result["runner_host_ms_per_batch"] > 0
     assert result["runner_device_wait_ms_per_batch"] == 0
