@@ -1,0 +1,137 @@
+"""Where the GPU runner's host time per batch goes, against the same pipeline in a tight loop.
+
+``bench serve`` measures the engine's overhead as its GPU throughput (every query alone) against
+a tight loop calling the runner's own pipeline on the same queries. This probe splits both:
+
+- the tight loop's host time per query (the pipeline call returns once everything is
+  enqueued) and its whole time (after copying the answer to the host);
+- the engine at 1, 4 and 16 queries in flight, with the runner's host time and device wait
+  per batch (the runner reports both);
+- a py-spy profile of the runner process (and of this process, the engine's loop thread) at 4
+  in flight, when ``py-spy`` is on the PATH: the most-sampled lines, self and inclusive.
+
+Queries are DeepRecInfra's production sizes with Zipf 1.05 ids, in one shared file the runner
+reads in place (as ``bench serve`` does). Needs CUDA (``DEV=cpu`` runs the CPU stand-in, for a
+check of the script only)::
+
+    PYTHONPATH=src python benchmarks/probe_runner_host.py dlrm-rmc1 > runner.txt
+
+``OUT`` names the folder for py-spy's raw profiles (default ``/tmp``); ``PRESET`` the model
+scale (default ``paper``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import torch
+
+from recserve.cli.bench_serve import runner_baseline, runner_overhead
+from recserve.engine.config import EngineConfig
+from recserve.engine.deeprecsched import STATIC_GPU, saturation_qps
+from recserve.engine.engine import RecEngine
+from recserve.engine.query_memory import QueryMemory
+from recserve.loadgen.driver import QueryPool
+from recserve.loadgen.sizes import QuerySizes
+from recserve.loadgen.synthetic import QueryFactory
+from recserve.models.registry import build_model
+from recserve.procname import process_name
+
+
+def spy(pid: int, seconds: int, out: str) -> subprocess.Popen[bytes]:
+    cmd = ["py-spy", "record", "-p", str(pid), "-d", str(seconds), "-r", "500",
+           "--format", "raw", "-o", out, "--nonblocking", "--threads"]  # fmt: skip
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+
+def top(path: str, n: int = 30) -> None:
+    """The ``n`` most-sampled frames of a raw py-spy profile, self and inclusive."""
+    total, own, incl = 0, Counter[str](), Counter[str]()
+    with open(path) as f:
+        for line in f:
+            stack, _, count = line.rstrip().rpartition(" ")
+            if not stack:
+                continue
+            k = int(count)
+            total += k
+            frames = stack.split(";")
+            own[frames[0][:40] + " | " + frames[-1]] += k
+            for frame in set(frames):
+                incl[frame] += k
+    print("samples", total)
+    for frame, k in own.most_common(n):
+        print(f"{k / total:6.1%} self {frame[:170]}")
+    for frame, k in incl.most_common(n):
+        print(f"{k / total:6.1%} incl {frame[:170]}")
+
+
+def main() -> None:
+    name = sys.argv[1] if len(sys.argv) > 1 else "dlrm-rmc1"
+    out = os.environ.get("OUT", "/tmp")
+    torch.set_num_threads(1)
+    model = build_model(name, os.environ.get("PRESET", "paper"), seed=0)
+    factory = QueryFactory(model.config, "zipf:1.05", seed=0)
+    pool = QueryPool(factory, QuerySizes.parse("production"), seed=0)
+    config = EngineConfig(
+        cpu_workers=0, device=os.environ.get("DEV", "cuda"), queue_capacity=512,
+        gpu_runner="process",
+    )  # fmt: skip
+    engine = RecEngine(model, config)
+    memory = QueryMemory(engine, pool.batches)
+    pool.batches = memory.batches
+    memory.pin()
+    items = statistics.mean(b.batch_size for b in pool.batches)
+    print("shared", memory.shared, "batches", len(pool.batches), "items mean", items)
+    print("overhead", runner_overhead(model, engine, pool))
+    base = runner_baseline(model, engine)
+    launch, whole = [], []
+    with torch.inference_mode():
+        for i in range(600):
+            b = pool.batches[i % len(pool.batches)]
+            t0 = time.perf_counter()
+            answer = base(b)
+            t1 = time.perf_counter()
+            answer.cpu()
+            t2 = time.perf_counter()
+            if i > 50:
+                launch.append(t1 - t0)
+                whole.append(t2 - t0)
+    print(
+        f"tight loop: launch {statistics.median(launch) * 1e6:.0f} us, "
+        f"whole {statistics.median(whole) * 1e6:.0f} us"
+    )
+    for level in (1, 4, 16):
+        s0 = engine.stats()
+        qps = saturation_qps(engine, pool, STATIC_GPU["gpu-only"], seconds=1.0, outstanding=level)
+        s1 = engine.stats()
+        n = s1["gpu_batches"] - s0["gpu_batches"]
+        host = (s1["gpu_runner_host_s"] - s0["gpu_runner_host_s"]) / n * 1e6
+        wait = (s1["gpu_runner_device_wait_s"] - s0["gpu_runner_device_wait_s"]) / n * 1e6
+        print(
+            f"outstanding {level}: {qps:.0f} QPS, runner host {host:.0f} us/batch, "
+            f"wait {wait:.0f} us/batch, {n} batches"
+        )
+    if shutil.which("py-spy"):
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+        runner = next(p for p in pids if process_name(p) == "recserve-gpu")
+        spies = [spy(runner, 3, f"{out}/runner-0.raw"), spy(os.getpid(), 3, f"{out}/engine-0.raw")]
+        time.sleep(0.3)
+        qps = saturation_qps(engine, pool, STATIC_GPU["gpu-only"], seconds=3.5, outstanding=4)
+        for s in spies:
+            s.wait()
+        print(f"== runner profile native=False ({qps:.0f} QPS)")
+        top(f"{out}/runner-0.raw")
+        print("== engine process profile")
+        top(f"{out}/engine-0.raw", 20)
+    memory.close()
+    engine.close()
+
+
+if __name__ == "__main__":
+    main()
