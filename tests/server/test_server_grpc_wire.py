@@ -39,8 +39,9 @@ def requests(draw: st.DrawFn) -> service_pb2.ModelInferRequest:
 @given(requests())
 def test_split_and_join_agree_with_protobuf(request: service_pb2.ModelInferRequest) -> None:
     data = request.SerializeToString()
-    header, raw = split_infer_request(data)
+    header, raw, may_use_shm = split_infer_request(data)
     assert [bytes(r) for r in raw] == list(request.raw_input_contents)
+    assert not may_use_shm  # no tensor here names a region (names are under 13 characters)
     expected = service_pb2.ModelInferRequest()
     expected.CopyFrom(request)
     del expected.raw_input_contents[:]
@@ -53,7 +54,7 @@ def test_split_and_join_agree_with_protobuf(request: service_pb2.ModelInferReque
 @given(st.binary(max_size=200))
 def test_garbage_is_refused_or_parsed_as_protobuf_does(data: bytes) -> None:
     try:
-        header, raw = split_infer_request(data)
+        header, raw, _ = split_infer_request(data)
     except InvalidArgument:
         return
     expected = service_pb2.ModelInferRequest.FromString(data)  # split accepts only valid input
@@ -72,3 +73,14 @@ def test_truncated_raw_contents_are_refused() -> None:
             assert "truncated" in str(e)
         else:
             raise AssertionError("a truncated request was accepted")
+
+
+def test_a_tensor_in_shared_memory_is_noticed() -> None:
+    for where in ("input", "output"):
+        request = service_pb2.ModelInferRequest(model_name="m")
+        tensor = request.inputs.add(name="a", datatype="INT64", shape=[2])
+        request.raw_input_contents.append(b"\0" * 16)
+        if where == "output":
+            tensor = request.outputs.add(name="out")
+        tensor.parameters["shared_memory_region"].string_param = "r"
+        assert split_infer_request(request.SerializeToString()).may_use_shared_memory

@@ -76,13 +76,16 @@ def decode_infer_request(
     signature: ModelSignature,
     out: Staging | None = None,
     shm: SystemSharedMemory | None = None,
+    may_use_shared_memory: bool = True,
 ) -> tuple[Batch, list[str]]:
     """The batch of a ModelInferRequest (raw contents apart) and the outputs it asks for (the
     common layout's arrays written where ``out`` says, when given). Inputs placed in a
     registered shared memory region are read from ``shm``; ``raw_input_contents`` then holds
-    one entry per other input, in order."""
+    one entry per other input, in order. ``may_use_shared_memory=False`` (from
+    :func:`~recserve.server.grpc_wire.split_infer_request`) skips looking for them."""
     raw = list(raw or request.raw_input_contents)
-    sources = [_shm_params(t.parameters, t.name) for t in request.inputs]
+    inputs = request.inputs
+    sources = [_shm_params(t.parameters, t.name) for t in inputs] if may_use_shared_memory else []
     if any(sources):
         if shm is None:
             raise InvalidArgument("this endpoint takes no shared memory")
@@ -109,14 +112,12 @@ def decode_infer_request(
                 f"unknown output {name!r}; the model's outputs are {list(signature.output_names())}"
             )
     if raw:
-        inputs = request.inputs
-        batch = signature.fast_batch(
-            [t.name for t in inputs],
-            [t.datatype for t in inputs],
-            [t.shape for t in inputs],
-            raw,
-            out,
-        )
+        names, datatypes, shapes = [], [], []
+        for t in inputs:  # one pass: each step makes a wrapper of the tensor's message
+            names.append(t.name)
+            datatypes.append(t.datatype)
+            shapes.append(t.shape)
+        batch = signature.fast_batch(names, datatypes, shapes, raw, out)
         if batch is not None:
             return batch, outputs
     tensors: dict[str, WireTensor] = {}
@@ -254,7 +255,7 @@ class KServeServicer:
         start = time.perf_counter()
         core = self.core
         try:
-            request, raw = split_infer_request(data)
+            request, raw, may_use_shm = split_infer_request(data)
             served = await core.model(request.model_name, request.model_version)
         except ServerError as e:
             core.metrics.for_request("", "grpc").failure(e.reason)
@@ -263,10 +264,15 @@ class KServeServicer:
         staging = core.staging()
         try:
             shm = core.shared_memory
-            targets = {o.name: _shm_params(o.parameters, o.name) for o in request.outputs}
-            batch, outputs = await core.decode(
-                len(data), decode_infer_request, request, raw, served.signature, staging, shm
+            targets = (
+                {o.name: _shm_params(o.parameters, o.name) for o in request.outputs}
+                if may_use_shm
+                else {}
             )
+            batch, outputs = await core.decode(
+                len(data), decode_infer_request, request, raw, served.signature, staging, shm,
+                may_use_shm,
+            )  # fmt: skip
             result = await core.infer(served, batch, staging)
             scores = result.scores.numpy()
             response = service_pb2.ModelInferResponse(

@@ -18,13 +18,16 @@ interoperates unchanged.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from tritonclient.grpc import service_pb2
 
 from recserve.server.errors import InvalidArgument
 
 RAW_INPUT_CONTENTS = 7
-_RAW_TAG = bytes([RAW_INPUT_CONTENTS << 3 | 2])
+_RAW_KEY = RAW_INPUT_CONTENTS << 3 | 2
+_RAW_TAG = bytes([_RAW_KEY])
+_SHM_KEY = b"shared_memory_region"
 
 
 def _varint(data: memoryview, pos: int) -> tuple[int, int]:
@@ -49,43 +52,73 @@ def _encode_varint(value: int) -> bytes:
     return bytes(out)
 
 
-def split_infer_request(
-    data: bytes | memoryview,
-) -> tuple[service_pb2.ModelInferRequest, list[memoryview]]:
-    """The request without its raw contents, and the raw contents as views of ``data``."""
+class SplitRequest(NamedTuple):
+    """A ``ModelInferRequest`` cut by :func:`split_infer_request`."""
+
+    request: service_pb2.ModelInferRequest
+    """Everything but the raw contents."""
+    raw: list[memoryview]
+    """The raw contents, views of the received bytes."""
+    may_use_shared_memory: bool
+    """False when no field outside the raw contents mentions ``shared_memory_region``: then
+    no tensor is placed in shared memory, and nobody need look at each one's parameters."""
+
+
+def split_infer_request(data: bytes | memoryview) -> SplitRequest:
+    """The request without its raw contents, and the raw contents as views of ``data``.
+
+    One pass over the top-level fields. Keys and lengths under 128 (nearly all of them) are
+    read inline: a function call per varint was half of the time for a request of 55 tensors.
+    """
     view = memoryview(data)
+    if view.ndim != 1 or view.itemsize != 1:
+        view = view.cast("B")
+    n = len(view)
     rest: list[memoryview] = []
     raw: list[memoryview] = []
     pos = 0
-    while pos < len(view):
+    while pos < n:
         start = pos
-        key, pos = _varint(view, pos)
+        key = view[pos]
+        if key < 0x80:
+            pos += 1
+        else:
+            key, pos = _varint(view, pos)
         wire_type = key & 7
+        if wire_type == 2:
+            if pos >= n:
+                raise InvalidArgument("malformed ModelInferRequest: truncated field")
+            length = view[pos]
+            if length < 0x80:
+                pos += 1
+            else:
+                length, pos = _varint(view, pos)
+            end = pos + length
+            if end > n:
+                raise InvalidArgument("malformed ModelInferRequest: truncated field")
+            if key == _RAW_KEY:
+                raw.append(view[pos:end])
+            else:
+                rest.append(view[start:end])
+            pos = end
+            continue
         if wire_type == 0:
             _, pos = _varint(view, pos)
         elif wire_type == 1:
             pos += 8
         elif wire_type == 5:
             pos += 4
-        elif wire_type == 2:
-            length, pos = _varint(view, pos)
-            if pos + length > len(view):
-                raise InvalidArgument("malformed ModelInferRequest: truncated field")
-            if key >> 3 == RAW_INPUT_CONTENTS:
-                raw.append(view[pos : pos + length])
-                pos += length
-                continue
-            pos += length
         else:
             raise InvalidArgument(f"malformed ModelInferRequest: wire type {wire_type}")
         rest.append(view[start:pos])
-    if pos > len(view):
+    if pos > n:
         raise InvalidArgument("malformed ModelInferRequest: truncated field")
+    header = b"".join(rest)
     try:
-        request = service_pb2.ModelInferRequest.FromString(b"".join(rest))
+        request = service_pb2.ModelInferRequest.FromString(header)
     except Exception as e:  # protobuf's DecodeError
         raise InvalidArgument(f"malformed ModelInferRequest: {e}") from None
-    return request, raw
+    return SplitRequest(request, raw, _SHM_KEY in header)
 
 
 def join_infer_request(
