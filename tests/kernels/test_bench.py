@@ -201,3 +201,32 @@ def test_a_skewed_bucket_is_tuned_on_all_its_cases() -> None:
     assert again.tune_tiles(skewed, lambda b: []) == []  # known: kept
     assert again.tune_tiles(skewed, lambda b: [], retune=lambda k: k == hot) == [hot]
     again.close()
+
+
+def test_small_cases_are_also_judged_against_the_plain_kernel_at_their_size() -> None:
+    main = {128: {"rows_per_s": 30e9, "reads": 1 << 24}}
+    matched = {128: {"20480": {"rows_per_s": 4e9}, "65536:gather": {"rows_per_s": 10e9}}}
+
+    def case(name: str, pooling: int, lookups: int, rows_per_s: float) -> dict:
+        row = {
+            "name": name, "ids": "uniform", "dtype": "fp16", "pooling": pooling,
+            "lookups": lookups, "stored_row_bytes": 128,
+            "recserve": {"us": 1.0, "rows_per_s": rows_per_s, "gbps": 1.0},
+        }  # fmt: skip
+        report.derive(row, main, 4000.0, matched)
+        return row
+
+    small = case("small", 20, 20480, 3.6e9)  # launch-bound: 0.12 of the main ceiling
+    pool1 = case("pool1", 1, 65536, 8e9)
+    large = case("large", 80, 1 << 24, 27e9)  # past every matched size: the main ceiling
+    unmatched = case("odd", 20, 12345, 1e9)  # not measured at its size
+    assert abs(small["recserve"]["frac_ceiling"] - 0.12) < 1e-9
+    assert abs(small["recserve"]["frac_matched_ceiling"] - 0.9) < 1e-9
+    assert abs(pool1["recserve"]["frac_matched_ceiling"] - 0.8) < 1e-9
+    assert abs(large["recserve"]["frac_matched_ceiling"] - 0.9) < 1e-9
+    assert "frac_matched_ceiling" not in unmatched["recserve"]
+    summary = report.summarize([small, pool1, large, unmatched], [])
+    assert abs(summary["frac_matched_ceiling_uniform_pool20plus_min"] - 0.9) < 1e-9
+    assert abs(summary["frac_matched_ceiling_pool1_min"] - 0.8) < 1e-9
+    assert summary["matched_ceiling_cases"] == 3
+    assert summary["frac_ceiling_uniform_pool20plus_min"] < 0.04  # the key, unchanged

@@ -26,3 +26,28 @@ def test_hashed_ids_are_spread() -> None:
     ids = hashed_ids(1 << 14, 1 << 10)
     assert ids.min() >= 0 and ids.max() < 1 << 10
     assert torch.unique(ids).numel() > 900
+
+
+@pytest.mark.parametrize("hashed", [False, True])
+def test_gather_writes_every_row_read(hashed: bool, gen: torch.Generator) -> None:
+    table = torch.randn(64, 36, generator=gen)  # 32 of the 36 columns read
+    ids = None if hashed else torch.randint(0, 64, (96,), generator=gen)
+    out = random_rows(table, 32, ids, 96, per_prog=32, rows=16, seed=3, gather=True)
+    used = hashed_ids(96, 64, 3) if hashed else ids
+    assert torch.equal(out, table[used, :32])
+    with pytest.raises(ValueError, match="multiple of 4"):
+        random_rows(table, 30, ids, 96, per_prog=32, rows=16, gather=True)
+
+
+def test_size_matched_ceilings_measure_each_size_asked_for() -> None:
+    from recserve.kernels.bench.ceilings import launch_floor_us, size_matched_ceilings
+
+    got = size_matched_ceilings(
+        {64: {(100, False), (64, True)}}, table_bytes=1 << 16, variants=((32, 16, 4),),
+        device="cpu", sets=2,
+    )  # fmt: skip
+    assert set(got[64]) == {"100", "64:gather"}
+    plain = got[64]["100"]
+    assert plain["reads"] == 128 and plain["per_prog"] == 32  # rounded up to whole programs
+    assert plain["rows_per_s"] == plain["reads"] / plain["us"] * 1e6 > 0
+    assert launch_floor_us("cpu") > 0

@@ -4,7 +4,9 @@ Small rows are limited by the rate of random accesses, not by bandwidth, so ever
 lookup is judged against this ceiling for its row size (measured in the same run, on a table
 of several GB). The kernel has no pooling structure: program ``p`` reads rows
 ``ids[p*P : (p+1)*P]`` (or ids hashed from their position, to leave out the id traffic) and
-writes their fp32 sum, ``out[p, :] = sum_i table[id_i, :]``.
+writes their fp32 sum, ``out[p, :] = sum_i table[id_i, :]``. In gather mode it writes every
+row it reads instead (``out[i, :] = table[id_i, :]``): the ceiling for pooling 1, where a lookup
+writes as many bytes as it reads.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ def _random_rows_kernel(
     BLOCK_W: tl.constexpr,
     VEC: tl.constexpr,
     HASH: tl.constexpr,
+    GATHER: tl.constexpr = False,
 ):
     pid = tl.program_id(0).to(tl.int64)
     r = tl.arange(0, ROWS)
@@ -52,8 +55,14 @@ def _random_rows_kernel(
         else:
             ids = tl.load(ids_ptr + i)
         row = tl.multiple_of(ids * tl.multiple_of(stride, VEC), [VEC])
-        acc += tl.load(table_ptr + row[:, None] + w[None, :], mask=w_ok[None, :], other=0.0)
-    tl.store(out_ptr + pid * BLOCK_W + w, tl.sum(acc, axis=0))
+        tile = tl.load(table_ptr + row[:, None] + w[None, :], mask=w_ok[None, :], other=0.0)
+        if GATHER:
+            dst = tl.multiple_of(i * tl.multiple_of(width, VEC), [VEC])
+            tl.store(out_ptr + dst[:, None] + w[None, :], tile, mask=w_ok[None, :])
+        else:
+            acc += tile
+    if not GATHER:
+        tl.store(out_ptr + pid * BLOCK_W + w, tl.sum(acc, axis=0))
 
 
 def random_rows(
@@ -67,11 +76,13 @@ def random_rows(
     rows: int = 32,
     num_warps: int = 4,
     seed: int = 0,
+    gather: bool = False,
 ) -> torch.Tensor:
     """Read ``num_reads`` random rows of ``table [R, stride]`` (float32; ``width`` of the
     ``stride`` columns are read); ``ids`` None hashes them (``R`` must be a power of two).
 
-    Returns ``out [num_reads / per_prog, BLOCK_W]`` (per-program sums).
+    Returns ``out [num_reads / per_prog, BLOCK_W]`` (per-program sums), or with ``gather``
+    ``out [num_reads, width]`` (every row read; ``width`` a multiple of 4 floats).
     """
     num_rows, stride = table.shape
     if num_reads % per_prog:
@@ -81,8 +92,11 @@ def random_rows(
     vec = 16 // table.element_size()
     block_w = max(triton.next_power_of_2(width), vec)
     progs = num_reads // per_prog
+    if gather and width % vec:
+        raise ValueError(f"gather needs a width that is a multiple of {vec} floats")
     if out is None:
-        out = torch.empty(progs, block_w, dtype=torch.float32, device=table.device)
+        shape = (num_reads, width) if gather else (progs, block_w)
+        out = torch.empty(shape, dtype=torch.float32, device=table.device)
     _random_rows_kernel[(progs,)](
         table,
         ids if ids is not None else table,
@@ -96,6 +110,7 @@ def random_rows(
         BLOCK_W=block_w,
         VEC=vec,
         HASH=ids is None,
+        GATHER=gather,
         num_warps=num_warps,
     )
     return out

@@ -4,6 +4,12 @@ HBM copy bandwidth (a large device-to-device copy, bytes read + written) and the
 ceiling per row size: the best rate, over a few tile shapes and warps, at which
 :func:`recserve.kernels.ceiling.random_rows` reads uniformly random rows of a multi-GB table,
 with ids read from memory and with ids hashed in the kernel (no id traffic).
+
+A small lookup cannot reach that ceiling: its few microseconds of work are mostly a launch and
+one round of memory latency, for any kernel. :func:`size_matched_ceilings` therefore also
+measures the same plain kernel reading exactly as many random rows as a case looks up (writing
+each row, for pooling 1), timed as the cases are (CUDA graph replays), and
+:func:`launch_floor_us` the shortest such launch: one program reading a handful of rows.
 """
 
 from __future__ import annotations
@@ -12,9 +18,10 @@ import itertools
 from typing import Any
 
 import torch
+import triton
 
 from recserve.kernels.ceiling import random_rows
-from recserve.kernels.timing import eager_us
+from recserve.kernels.timing import eager_us, time_us
 
 CEILING_VARIANTS: tuple[tuple[int, int], ...] = tuple(itertools.product((16, 32, 64), (4, 8)))
 """(rows per tile, warps) tried for each row size; the best counts."""
@@ -89,3 +96,90 @@ def _time_random_rows(
         random_rows(table, stride, ids, reads, per_prog=per_prog, rows=rows, num_warps=warps)
 
     return eager_us([call], reps=5, min_ms=5.0)
+
+
+MATCHED_VARIANTS: tuple[tuple[int, int, int], ...] = tuple(
+    (per_prog, rows, 4) for per_prog in (32, 512) for rows in (16, 32)
+)
+"""(rows per program, rows per tile, warps) tried for each size-matched ceiling."""
+
+MATCHED_MAX_READS = 1 << 22
+"""Lookup counts up to this are measured; larger ones fill the GPU, and the main ceiling
+(which reads more rows than that for every row size up to 512 bytes) stands for them."""
+
+
+def matched_key(reads: int, gather: bool) -> str:
+    return f"{reads}:gather" if gather else str(reads)
+
+
+def size_matched_ceilings(
+    needs: dict[int, set[tuple[int, bool]]],
+    table_bytes: int = 4 << 30,
+    variants: tuple[tuple[int, int, int], ...] = MATCHED_VARIANTS,
+    device: str = "cuda",
+    sets: int = 4,
+) -> dict[int, dict[str, dict[str, Any]]]:
+    """``{row bytes: {matched_key(reads, gather): best run}}`` for each (reads, gather) in
+    ``needs[row bytes]``: the best rate of the plain kernel reading ``reads`` uniformly random
+    rows (ids read from memory or hashed; ``gather`` writes each row), CUDA-graph timed over
+    ``sets`` rotating id sets or seeds, so that consecutive calls do not hit the same rows."""
+    floats = torch.rand(table_bytes // 4, device=device)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(4321)
+    out: dict[int, dict[str, dict[str, Any]]] = {}
+    for size, wanted in sorted(needs.items()):
+        stride = size // 4
+        num_rows = 1 << ((floats.numel() // stride).bit_length() - 1)
+        table = floats[: num_rows * stride].view(num_rows, stride)
+        top = max(-(-r // v[0]) * v[0] for r, _ in wanted for v in variants)
+        ids = torch.randint(0, num_rows, (sets, top), device=device, generator=gen)
+        out[size] = {}
+        for reads, gather in sorted(wanted):
+            runs = []
+            for (per_prog, rows, warps), hashed in itertools.product(variants, (False, True)):
+                n = -(-reads // per_prog) * per_prog
+                us = _time_matched(table, ids, n, per_prog, rows, warps, hashed, gather)
+                runs.append(
+                    {"reads": n, "per_prog": per_prog, "rows": rows, "warps": warps,
+                     "hashed_ids": hashed, "us": us, "rows_per_s": n / us * 1e6}
+                )  # fmt: skip
+            out[size][matched_key(reads, gather)] = max(runs, key=lambda r: r["rows_per_s"])
+        del ids
+    del floats
+    return out
+
+
+def _time_matched(
+    table: torch.Tensor,
+    ids: torch.Tensor,
+    n: int,
+    per_prog: int,
+    rows: int,
+    warps: int,
+    hashed: bool,
+    gather: bool,
+) -> float:
+    stride = table.shape[1]
+    shape = (n, stride) if gather else (n // per_prog, max(triton.next_power_of_2(stride), 4))
+    target = torch.empty(shape, device=table.device)
+
+    def call(k: int) -> None:
+        random_rows(
+            table, stride, None if hashed else ids[k, :n], n, target, per_prog=per_prog,
+            rows=rows, num_warps=warps, seed=k * n, gather=gather,
+        )  # fmt: skip
+
+    calls = [lambda k=k: call(k) for k in range(ids.shape[0])]
+    return time_us(calls, reps=5, min_ms=2.0)
+
+
+def launch_floor_us(device: str = "cuda") -> float:
+    """The shortest launch of the plain kernel, timed as the cases are: one program reading
+    16 rows of a small table."""
+    table = torch.rand(1024, 4, device=device)
+    out = torch.empty(1, 4, device=device)
+
+    def call() -> None:
+        random_rows(table, 4, None, 16, out, per_prog=16, rows=16, num_warps=4)
+
+    return time_us([call], reps=5, min_ms=2.0)

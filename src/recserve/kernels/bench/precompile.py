@@ -37,6 +37,8 @@ class CeilingJob:
     rows: int
     warps: int
     hashed: bool
+    per_prog: int = 512
+    gather: bool = False
 
 
 def _run_job(job: PooledJob | CeilingJob) -> str:
@@ -50,7 +52,10 @@ def _run_job(job: PooledJob | CeilingJob) -> str:
     if isinstance(job, CeilingJob):
         table = torch.rand(1024, job.stride, device=dev)
         ids = None if job.hashed else torch.randint(0, 1024, (512,), device=dev)
-        random_rows(table, job.stride, ids, 512, per_prog=512, rows=job.rows, num_warps=job.warps)
+        random_rows(
+            table, job.stride, ids, 512, per_prog=job.per_prog, rows=job.rows,
+            num_warps=job.warps, gather=job.gather,
+        )  # fmt: skip
         return "ok"
     num = len(job.dims)
     cols = [0]

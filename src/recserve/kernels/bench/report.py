@@ -8,6 +8,9 @@ from typing import Any
 
 FBGEMM_PEERS = ("fbgemm_inference", "fbgemm_training")
 
+MATCHED_MAX = 1 << 22
+"""As :data:`recserve.kernels.bench.ceilings.MATCHED_MAX_READS` (this module imports no torch)."""
+
 LARGE_LOOKUPS = 1 << 21
 """Cases with at least this many lookups fill the GPU (2M rows: about 100 microseconds);
 smaller ones are partly launch- and latency-bound for every kernel."""
@@ -22,14 +25,45 @@ def ceiling_for(ceilings: dict[int, dict[str, Any]], row_bytes: int) -> float:
     return float(ceilings[sizes[-1]]["rows_per_s"]) * sizes[-1] / row_bytes
 
 
-def derive(row: dict[str, Any], ceilings: dict[int, dict[str, Any]], copy_gbps: float) -> None:
+def matched_ceiling_for(
+    matched: dict[int, dict[str, dict[str, Any]]] | None,
+    ceilings: dict[int, dict[str, Any]],
+    row: dict[str, Any],
+) -> float | None:
+    """The size-matched ceiling of a case (rows/s): the plain kernel reading as many random
+    rows of its size (writing each, at pooling 1); for a case larger than any matched
+    measurement, the main ceiling (pooling > 1 only). None when not measured."""
+    size, lookups = row["stored_row_bytes"], row["lookups"]
+    gather = row["pooling"] == 1 or (
+        isinstance(row["pooling"], list) and set(row["pooling"]) == {1}
+    )
+    hit = (matched or {}).get(size, {}).get(f"{lookups}:gather" if gather else str(lookups))
+    if hit is not None:
+        return float(hit["rows_per_s"])
+    main = ceilings.get(size)
+    if not gather and main is not None and lookups >= min(main.get("reads", 0), MATCHED_MAX):
+        return float(main["rows_per_s"])
+    return None
+
+
+def derive(
+    row: dict[str, Any],
+    ceilings: dict[int, dict[str, Any]],
+    copy_gbps: float,
+    matched: dict[int, dict[str, dict[str, Any]]] | None = None,
+) -> None:
     """Add fractions of the ceilings and speedups to one case row, in place."""
     ours = row.get("recserve")
     ceiling = ceiling_for(ceilings, row["stored_row_bytes"])
     row["ceiling_rows_per_s"] = ceiling
+    same_size = matched_ceiling_for(matched, ceilings, row) if row["ids"] == "uniform" else None
+    if same_size is not None:
+        row["matched_ceiling_rows_per_s"] = same_size
     if ours is None:
         return
     ours["frac_ceiling"] = ours["rows_per_s"] / ceiling
+    if same_size is not None:
+        ours["frac_matched_ceiling"] = ours["rows_per_s"] / same_size
     # Of HBM copy bandwidth, for the bytes that must move (rows, ids and the output): at
     # pooling 1 the output is as large as the rows read, which the row-read ceiling ignores.
     ours["frac_copy_bw"] = ours["gbps"] / copy_gbps
@@ -75,6 +109,16 @@ def summarize(cases: list[dict[str, Any]], ablation: list[dict[str, Any]]) -> di
         if r.get("lever") in ("l2_window", "l2_window_eager") and "gain_vs_no_window" in r
     ]
     worst = min(pool20, key=lambda c: c["recserve"]["frac_ceiling"], default=None)
+
+    def matched(rows: list[dict[str, Any]]) -> list[float]:
+        return [c["recserve"]["frac_matched_ceiling"] for c in rows
+                if "frac_matched_ceiling" in c["recserve"]]  # fmt: skip
+
+    worst_matched = min(
+        (c for c in pool20 if "frac_matched_ceiling" in c["recserve"]),
+        key=lambda c: c["recserve"]["frac_matched_ceiling"],
+        default=None,
+    )
     return {
         "frac_ceiling_uniform_pool20plus_min": _min(frac(pool20)),
         "frac_ceiling_pool1_min": _min(frac(pool1)),
@@ -89,6 +133,10 @@ def summarize(cases: list[dict[str, Any]], ablation: list[dict[str, Any]]) -> di
         "frac_copy_bw_pool1_min": _min([c["recserve"]["frac_copy_bw"] for c in pool1]),
         "frac_copy_bw_pool1_max": max((c["recserve"]["frac_copy_bw"] for c in pool1), default=None),
         "worst_pool20plus_case": worst["name"] if worst else None,
+        "frac_matched_ceiling_uniform_pool20plus_min": _min(matched(pool20)),
+        "frac_matched_ceiling_pool1_min": _min(matched(pool1)),
+        "matched_ceiling_cases": len(matched(pool20)) + len(matched(pool1)),
+        "worst_pool20plus_case_matched": worst_matched["name"] if worst_matched else None,
         "cases": len(cases),
         "cases_vs_torch": len(vs_torch),
         "cases_vs_fbgemm": len(vs_fb),
@@ -113,7 +161,8 @@ def config_name(cfg: dict[str, Any] | None) -> str:
 
 def case_table(cases: list[dict[str, Any]]) -> str:
     """A short text table of timed cases: microseconds per method, recserve's speedups over
-    the best FBGEMM TBE and torch, and over the config the run started from, the largest
+    the best FBGEMM TBE and torch, and over the config the run started from, its fractions of
+    the random-row-read ceiling and of the size-matched one, the largest
     relative difference from the peers' outputs, and the bucket and config used."""
 
     def us(row: dict[str, Any], name: str) -> str:
@@ -132,6 +181,8 @@ def case_table(cases: list[dict[str, Any]]) -> str:
         "x_fbgemm",
         "x_torch",
         "x_before",
+        "of_ceil",
+        "of_size_ceil",
         "max_diff",
         "skew_ratio",
         "bucket",
@@ -154,6 +205,8 @@ def case_table(cases: list[dict[str, Any]]) -> str:
                 ratio(row, "speedup_vs_fbgemm"),
                 ratio(row, "speedup_vs_torch"),
                 ratio(row, "speedup_vs_before"),
+                ratio(row.get("recserve", {}), "frac_ceiling"),
+                ratio(row.get("recserve", {}), "frac_matched_ceiling"),
                 f"{max(diffs):.1e}" if diffs else "-",
                 f"{row['unique_vs_uniform']:.2f}" if "unique_vs_uniform" in row else "-",
                 row.get("bucket", "-"),

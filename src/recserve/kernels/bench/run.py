@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import fnmatch
+import itertools
 import json
 import time
 from dataclasses import dataclass, field
@@ -29,7 +30,15 @@ import triton
 from recserve.bench.common import git_commit
 from recserve.kernels.bench import ablation, checks, report
 from recserve.kernels.bench.cases import Case, TableSet, model_tables, uniform_tables
-from recserve.kernels.bench.ceilings import CEILING_VARIANTS, copy_bandwidth, random_row_ceilings
+from recserve.kernels.bench.ceilings import (
+    CEILING_VARIANTS,
+    MATCHED_MAX_READS,
+    MATCHED_VARIANTS,
+    copy_bandwidth,
+    launch_floor_us,
+    random_row_ceilings,
+    size_matched_ceilings,
+)
 from recserve.kernels.bench.peers import fbgemm_available
 from recserve.kernels.bench.plan import SWEEP_TABLES, plan, select_cases, smoke_plan
 from recserve.kernels.bench.precompile import CeilingJob, Compiler, PooledJob
@@ -187,6 +196,22 @@ def _check_dtypes(opts: BenchOptions, sets: list[tuple[TableSet, list[Case]]]) -
     return sorted({ts.dtype for ts, _ in sets})
 
 
+def _matched_needs(
+    sets: list[tuple[TableSet, list[Case]]], ceilings: dict[int, dict[str, Any]]
+) -> dict[int, set[tuple[int, bool]]]:
+    """(lookups, gather) per row size for the size-matched ceilings: every uniform case with
+    fewer lookups than its row size's main ceiling read (gather for pooling 1)."""
+    needs: dict[int, set[tuple[int, bool]]] = {}
+    for _, cases in sets:
+        for case in cases:
+            size = case.stored_row_bytes()
+            main = ceilings.get(size, {}).get("reads", 0)
+            if case.ids != "uniform" or case.lookups >= min(main, MATCHED_MAX_READS):
+                continue
+            needs.setdefault(size, set()).add((case.lookups, set(case.pooling) == {1}))
+    return needs
+
+
 def _ahead_jobs(
     opts: BenchOptions, sets: list[tuple[TableSet, list[Case]]], tuner: KernelTuner
 ) -> tuple[list[PooledJob | CeilingJob], list[int]]:
@@ -197,6 +222,10 @@ def _ahead_jobs(
         for rows, warps in CEILING_VARIANTS:
             for hashed in (False, True):
                 jobs.append(CeilingJob(size // 4, rows, warps, hashed))
+        for (per_prog, rows, warps), hashed, gather in itertools.product(
+            MATCHED_VARIANTS, (False, True), (False, True)
+        ):
+            jobs.append(CeilingJob(size // 4, rows, warps, hashed, per_prog, gather))
     if opts.checks:
         jobs += _check_jobs(_check_dtypes(opts, sets), None)
     for ts, cases in sets:
@@ -289,6 +318,18 @@ def run(opts: BenchOptions) -> dict[str, Any]:
         "ceilings: "
         + ", ".join(f"{s}B {c['rows_per_s'] / 1e9:.1f}G/s" for s, c in ceilings.items())
     )
+    result["ceilings"]["launch_floor_us"] = launch_floor_us(opts.device)
+    matched = size_matched_ceilings(
+        _matched_needs(sets, ceilings),
+        table_bytes=4 << 20 if small else 4 << 30,
+        variants=MATCHED_VARIANTS[:1] if small else MATCHED_VARIANTS,
+        device=opts.device,
+    )
+    result["ceilings"]["size_matched"] = matched
+    phase(
+        f"launch floor {result['ceilings']['launch_floor_us']:.1f} us, "
+        f"{sum(len(v) for v in matched.values())} size-matched ceilings"
+    )
 
     hot_bytes = _hot_bytes() if opts.device == "cuda" else 4096
     for ts, cases in sets:
@@ -327,7 +368,7 @@ def run(opts: BenchOptions) -> dict[str, Any]:
                 result["skipped"].append(case.name)
                 continue
             row = bench.run_case(case, before)
-            report.derive(row, ceilings, result["ceilings"]["copy"]["gbps"])
+            report.derive(row, ceilings, result["ceilings"]["copy"]["gbps"], matched)
             result["cases"].append(row)
         picks = ablation_picks(ts, cases) if opts.ablation else []
         for case, hot in picks:
@@ -426,6 +467,7 @@ def _write(
     those of the buckets ``tuned`` in this run."""
     result["summary"] = {
         **report.summarize(result["cases"], result["ablation"]),
+        "launch_floor_us": result["ceilings"].get("launch_floor_us"),
         "device": result["device"],
         "date": result["date"],
         "commit": result["commit"],
