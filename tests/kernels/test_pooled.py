@@ -23,6 +23,8 @@ CONFIGS = [
     PooledConfig(bags=16, rows=1),
     PooledConfig(bags=2, rows=4, maxnreg=64, num_stages=3, evict="first"),
     PooledConfig(bags=4, rows=4, num_warps=1, evict="last"),
+    PooledConfig(bags=2, rows=2, prefetch=True),
+    PooledConfig(bags=1, rows=4, evict="first", num_stages=3, prefetch=True),
 ]
 
 
@@ -58,7 +60,9 @@ def _run(
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16", "int8"])
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"b{c.bags}r{c.rows}")
+@pytest.mark.parametrize(
+    "config", CONFIGS, ids=lambda c: f"b{c.bags}r{c.rows}{'p' if c.prefetch else ''}"
+)
 def test_matches_reference(dtype: str, config: PooledConfig, gen: torch.Generator) -> None:
     assert _run(dtype, [32, 32], [60, 45], 6, config, gen, poolings=["sum", "mean"]) < TOL
 
@@ -71,13 +75,14 @@ def test_dim96_and_mixed_dims(dtype: str, gen: torch.Generator) -> None:
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "int8"])
-def test_weighted_and_mean(dtype: str, gen: torch.Generator) -> None:
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_weighted_and_mean(dtype: str, prefetch: bool, gen: torch.Generator) -> None:
     err = _run(
         dtype,
         [16, 24],
         [40, 20],
         7,
-        PooledConfig(2, 4),
+        PooledConfig(2, 4, prefetch=prefetch),
         gen,
         poolings=["mean", "sum"],
         weighted=True,
@@ -97,9 +102,10 @@ def test_pooling_zero_and_one(fixed: int, gen: torch.Generator) -> None:
         assert torch.equal(out, expected)
 
 
-def test_long_bags_and_the_last_row(gen: torch.Generator) -> None:
-    err = _run("fp16", [32], [17], 3, PooledConfig(bags=1, rows=8), gen, max_len=70)
-    assert err < TOL
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_long_bags_and_the_last_row(prefetch: bool, gen: torch.Generator) -> None:
+    config = PooledConfig(bags=1, rows=8, prefetch=prefetch)
+    assert _run("fp16", [32], [17], 3, config, gen, max_len=70) < TOL
 
 
 def test_fp16_output_and_int32_ids(gen: torch.Generator) -> None:
@@ -146,13 +152,12 @@ def test_reordering_gives_identical_results(dtype: str, gen: torch.Generator) ->
             for t, (s, e) in enumerate(_spans(offsets, batch, 3))
         ]
     )
-    for evict in ("none", "hotcold"):
+    for evict, prefetch in (("none", False), ("hotcold", False), ("hotcold", True)):
+        config = PooledConfig(2, 4, evict=evict, prefetch=prefetch)
         out = torch.empty(batch, 144)
-        pooled_lookup(hot, values, offsets, batch, out, PooledConfig(2, 4, evict=evict))
+        pooled_lookup(hot, values, offsets, batch, out, config)
         assert torch.equal(out, expected)
-        pooled_lookup(
-            hot, upstream, offsets, batch, out, PooledConfig(2, 4, evict=evict), remap=False
-        )
+        pooled_lookup(hot, upstream, offsets, batch, out, config, remap=False)
         assert torch.equal(out, expected)
     for t in range(3):
         back = unpack_table(hot, t)

@@ -40,6 +40,9 @@ def test_candidates_are_valid() -> None:
         assert all(c.rows <= 2 * max(1, bucket.pooling) for c in cands)
     levers = lever_candidates(PooledConfig(), reordered=True)
     assert {c.evict for c in levers["evict"]} == {"first", "hotcold"}
+    assert [c.prefetch for c in levers["prefetch"]] == [True]
+    on = PooledConfig(prefetch=True)
+    assert [c.prefetch for c in lever_candidates(on, reordered=False)["prefetch"]] == [False]
 
 
 def test_skewed_buckets_add_small_tiles_and_evict_last() -> None:

@@ -84,7 +84,9 @@ class PooledConfig:
     rows in the hot prefix, ``evict_first`` for the rest); ``order`` maps
     programs to work table-major (``table``: consecutive programs share a table) or bag-major
     (``bag``: consecutive programs cover all tables of the same items, so output rows are
-    written whole by programs running together).
+    written whole by programs running together); ``prefetch`` requests each step's rows one
+    step and its ids two steps ahead, in registers (software prefetching that keeps L1, unlike
+    ``num_stages``; twice the rows in flight for the same tile).
     """
 
     bags: int = 1
@@ -94,6 +96,7 @@ class PooledConfig:
     num_stages: int = 1
     evict: str = "none"
     order: str = "table"
+    prefetch: bool = False
 
     def __post_init__(self) -> None:
         for name in ("bags", "rows"):
@@ -112,6 +115,76 @@ class PooledConfig:
     def from_dict(cls, data: dict[str, int | str]) -> PooledConfig:
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         return cls(**known)  # type: ignore[arg-type]
+
+
+@triton.jit
+def _ids(j, pos0, start, length, values_ptr, remap_ptr, remap_base, REMAP: tl.constexpr):
+    """Step ``j`` of every bag of the tile: which positions are in the bag, where their ids
+    are, and the ids (through the reordering permutation when ``REMAP``)."""
+    pos = j + pos0
+    ok = pos[None, :] < length[:, None]
+    idx = start[:, None] + pos[None, :]
+    ids = tl.load(values_ptr + idx, mask=ok, other=0).to(tl.int64)
+    if REMAP:
+        ids = tl.load(remap_ptr + remap_base + ids, mask=ok, other=0).to(tl.int64)
+    return ok, idx, ids
+
+
+@triton.jit
+def _rows(
+    ok, idx, ids, psw_ptr, rows_ptr, rows_sb_ptr, hot_base, cold_base, n_hot, stride,
+    scale_off, d, d_ok, VEC: tl.constexpr, QUANT: tl.constexpr, HAS_PSW: tl.constexpr,
+    SPLIT_HOT: tl.constexpr, EVICT: tl.constexpr,
+):  # fmt: skip
+    """The rows of one step (fp32), their per-sample weights and int8 scale/bias pairs (each
+    a placeholder where its flag is off)."""
+    if SPLIT_HOT:
+        hot = ids < n_hot
+        row = tl.where(hot, hot_base, cold_base) + ids * stride
+    else:
+        hot = ok
+        row = cold_base + ids * stride
+    row = tl.multiple_of(row, [VEC, VEC])
+    ptrs = rows_ptr + row[:, :, None] + d[None, None, :]
+    m = ok[:, :, None] & d_ok[None, None, :]
+    if EVICT == "hotcold":
+        h = hot[:, :, None]
+        x_hot = tl.load(ptrs, mask=m & h, other=0.0, eviction_policy="evict_last")
+        x_cold = tl.load(ptrs, mask=m & ~h, other=0.0, eviction_policy="evict_first")
+        x = x_hot.to(tl.float32) + x_cold.to(tl.float32)
+    elif EVICT == "first":
+        x = tl.load(ptrs, mask=m, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    elif EVICT == "last":
+        x = tl.load(ptrs, mask=m, other=0.0, eviction_policy="evict_last").to(tl.float32)
+    else:
+        x = tl.load(ptrs, mask=m, other=0.0).to(tl.float32)
+    w = ok.to(tl.float32)
+    if HAS_PSW:
+        w = tl.load(psw_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+    sb = ok.to(tl.int64)
+    if QUANT:
+        # Scale and bias (fp32 each) follow the codes, 8-byte aligned: one 8-byte load.
+        sb = tl.load(rows_sb_ptr + (row + scale_off) // 8, mask=ok, other=0)
+    return x, w, sb
+
+
+@triton.jit
+def _accumulate(acc, bias_acc, x, w, sb, QUANT: tl.constexpr, HAS_PSW: tl.constexpr):
+    """Add one step's rows. int8: the bias does not depend on the column, so it is summed
+    once per row, not per element (acc += q * scale, bias_acc += bias)."""
+    if QUANT:
+        scale = sb.to(tl.int32).to(tl.float32, bitcast=True)
+        bias = (sb >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        if HAS_PSW:
+            scale = scale * w
+            bias = bias * w
+        acc += x * scale[:, :, None]
+        bias_acc += bias
+    elif HAS_PSW:
+        acc += x * w[:, :, None]
+    else:
+        acc += x
+    return acc, bias_acc
 
 
 @triton.jit
@@ -139,6 +212,7 @@ def _pooled_kernel(
     EVICT: tl.constexpr,
     NUM_STAGES: tl.constexpr,
     BAG_MAJOR: tl.constexpr,
+    PREFETCH: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     if BAG_MAJOR:
@@ -156,6 +230,10 @@ def _pooled_kernel(
     col = tl.load(meta + _COL)
     feature = tl.load(meta + _FEATURE)
     cold_base = tl.multiple_of(tl.load(meta + _COLD_BASE), VEC)
+    hot_base = cold_base  # placeholders where the flags leave them unread
+    n_hot = cold_base
+    remap_base = cold_base
+    scale_off = cold_base
     if SPLIT_HOT:
         hot_base = tl.multiple_of(tl.load(meta + _HOT_BASE), VEC)
         n_hot = tl.load(meta + _N_HOT)
@@ -183,50 +261,35 @@ def _pooled_kernel(
     pos0 = tl.arange(0, ROWS)
     acc = tl.zeros((BAGS, ROWS, BLOCK_D), dtype=tl.float32)
     bias_acc = tl.zeros((BAGS, ROWS), dtype=tl.float32)
-    for j in tl.range(0, max_len, ROWS, num_stages=NUM_STAGES):
-        pos = j + pos0
-        ok = pos[None, :] < length[:, None]
-        idx = start[:, None] + pos[None, :]
-        ids = tl.load(values_ptr + idx, mask=ok, other=0).to(tl.int64)
-        if REMAP:
-            ids = tl.load(remap_ptr + remap_base + ids, mask=ok, other=0).to(tl.int64)
-        if SPLIT_HOT:
-            hot = ids < n_hot
-            row = tl.where(hot, hot_base, cold_base) + ids * stride
-        else:
-            row = cold_base + ids * stride
-        row = tl.multiple_of(row, [VEC, VEC])
-        ptrs = rows_ptr + row[:, :, None] + d[None, None, :]
-        m = ok[:, :, None] & d_ok[None, None, :]
-        if EVICT == "hotcold":
-            h = hot[:, :, None]
-            x_hot = tl.load(ptrs, mask=m & h, other=0.0, eviction_policy="evict_last")
-            x_cold = tl.load(ptrs, mask=m & ~h, other=0.0, eviction_policy="evict_first")
-            x = x_hot.to(tl.float32) + x_cold.to(tl.float32)
-        elif EVICT == "first":
-            x = tl.load(ptrs, mask=m, other=0.0, eviction_policy="evict_first").to(tl.float32)
-        elif EVICT == "last":
-            x = tl.load(ptrs, mask=m, other=0.0, eviction_policy="evict_last").to(tl.float32)
-        else:
-            x = tl.load(ptrs, mask=m, other=0.0).to(tl.float32)
-        if HAS_PSW:
-            w = tl.load(psw_ptr + idx, mask=ok, other=0.0).to(tl.float32)
-        if QUANT:
-            # Scale and bias (fp32 each) follow the codes, 8-byte aligned: one 8-byte load.
-            # The bias does not depend on the column, so it is summed once per row, not per
-            # element: acc += q * scale, bias_acc += bias.
-            sb = tl.load(rows_sb_ptr + (row + scale_off) // 8, mask=ok, other=0)
-            scale = sb.to(tl.int32).to(tl.float32, bitcast=True)
-            bias = (sb >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-            if HAS_PSW:
-                scale = scale * w
-                bias = bias * w
-            acc += x * scale[:, :, None]
-            bias_acc += bias
-        elif HAS_PSW:
-            acc += x * w[:, :, None]
-        else:
-            acc += x
+    if PREFETCH:
+        # Software prefetching: the ids of step j + 2 and the rows of step j + 1 are requested
+        # before step j's rows are added, so no step waits for a load it has just issued
+        # (the loads past a bag's end are masked off: no memory traffic).
+        ok1, idx1, ids1 = _ids(0, pos0, start, length, values_ptr, remap_ptr, remap_base, REMAP)
+        ok2, idx2, ids2 = _ids(ROWS, pos0, start, length, values_ptr, remap_ptr, remap_base, REMAP)
+        x1, w1, sb1 = _rows(
+            ok1, idx1, ids1, psw_ptr, rows_ptr, rows_sb_ptr, hot_base, cold_base, n_hot,
+            stride, scale_off, d, d_ok, VEC, QUANT, HAS_PSW, SPLIT_HOT, EVICT,
+        )  # fmt: skip
+        for j in tl.range(0, max_len, ROWS, num_stages=NUM_STAGES):
+            ok3, idx3, ids3 = _ids(
+                j + 2 * ROWS, pos0, start, length, values_ptr, remap_ptr, remap_base, REMAP
+            )
+            x2, w2, sb2 = _rows(
+                ok2, idx2, ids2, psw_ptr, rows_ptr, rows_sb_ptr, hot_base, cold_base, n_hot,
+                stride, scale_off, d, d_ok, VEC, QUANT, HAS_PSW, SPLIT_HOT, EVICT,
+            )  # fmt: skip
+            acc, bias_acc = _accumulate(acc, bias_acc, x1, w1, sb1, QUANT, HAS_PSW)
+            x1, w1, sb1 = x2, w2, sb2
+            ok2, idx2, ids2 = ok3, idx3, ids3
+    else:
+        for j in tl.range(0, max_len, ROWS, num_stages=NUM_STAGES):
+            ok, idx, ids = _ids(j, pos0, start, length, values_ptr, remap_ptr, remap_base, REMAP)
+            x, w, sb = _rows(
+                ok, idx, ids, psw_ptr, rows_ptr, rows_sb_ptr, hot_base, cold_base, n_hot,
+                stride, scale_off, d, d_ok, VEC, QUANT, HAS_PSW, SPLIT_HOT, EVICT,
+            )  # fmt: skip
+            acc, bias_acc = _accumulate(acc, bias_acc, x, w, sb, QUANT, HAS_PSW)
 
     pooled = tl.sum(acc, axis=1)
     if QUANT:
@@ -359,5 +422,6 @@ def _launch(
         EVICT=config.evict,
         NUM_STAGES=config.num_stages,
         BAG_MAJOR=config.order == "bag",
+        PREFETCH=config.prefetch,
         **kwargs,
     )

@@ -176,6 +176,7 @@ def lever_candidates(
         "num_stages": [with_(num_stages=n) for n in (3,) if n != base.num_stages],
         "evict": [with_(evict=e) for e in evicts if e != base.evict],
         "order": [with_(order="bag" if base.order == "table" else "table")],
+        "prefetch": [with_(prefetch=not base.prefetch)],
     }
     return {k: v for k, v in levers.items() if v}
 

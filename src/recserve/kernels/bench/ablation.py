@@ -41,6 +41,7 @@ def lever_variants(base: PooledConfig, pooling: int) -> dict[str, list[PooledCon
         "num_stages": [_with(base, num_stages=s) for s in (1, 2, 3)],
         "evict": [_with(base, evict=e) for e in ("none", "first", "last")],
         "order": [_with(base, order=o) for o in ("table", "bag")],
+        "prefetch": [_with(base, prefetch=p) for p in (False, True)],
     }
 
 

@@ -72,6 +72,8 @@ CHECK_CONFIGS = (
     PooledConfig(8, 4, evict="first"),
     PooledConfig(2, 8, evict="hotcold"),
     PooledConfig(2, 4, num_warps=1, evict="last"),
+    PooledConfig(16, 2, num_warps=2, prefetch=True),
+    PooledConfig(1, 8, evict="first", prefetch=True),
 )
 CHECK_SHAPES = (
     ("dim128", [128, 128], [5000, 3000]),

@@ -148,7 +148,7 @@ def summarize(cases: list[dict[str, Any]], ablation: list[dict[str, Any]]) -> di
 
 def config_name(cfg: dict[str, Any] | None) -> str:
     """``8x4w2`` plus the levers away from their defaults (``n128``, ``s3``, ``e:first``,
-    ``o:bag``)."""
+    ``o:bag``, ``p`` for prefetching)."""
     if not cfg:
         return "-"
     out = f"{cfg['bags']}x{cfg['rows']}w{cfg['num_warps']}"
@@ -156,6 +156,7 @@ def config_name(cfg: dict[str, Any] | None) -> str:
     out += f"s{cfg['num_stages']}" if cfg.get("num_stages", 1) != 1 else ""
     out += f"e:{cfg['evict']}" if cfg.get("evict", "none") != "none" else ""
     out += "o:bag" if cfg.get("order") == "bag" else ""
+    out += "p" if cfg.get("prefetch") else ""
     return out
 
 
