@@ -33,8 +33,8 @@ from recserve.engine import EngineConfig, SchedConfig
 from recserve.loadgen.synthetic import QueryFactory
 from recserve.models.registry import build_model
 from recserve.server import ipc
-from recserve.server.bench import children, cpu_seconds
 from recserve.server.engine_host import EngineHost, batch_arrays, infer_meta
+from recserve.server.proc_stats import children, cpu_seconds
 
 
 def place(arena: ipc.Arena, batches: list[Any]) -> list[tuple[dict[str, Any], Any]]:
