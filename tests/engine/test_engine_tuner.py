@@ -315,3 +315,32 @@ def test_default_grids_climb_the_cap_only_with_a_gpu() -> None:
     assert default_grids(1024, gpu=False).gpu_max_batch == ()
     caps = default_grids(1024, gpu=True).gpu_max_batch
     assert caps[0] == SchedConfig().gpu_max_batch and 1 in caps
+
+
+def test_hill_climb_starts_from_the_best_baseline_and_goes_up_first() -> None:
+    """With the static baselines measured (``known``), the climb starts at the best of them,
+    climbs up the grid, then down: values the baselines rule out are reached last, and the
+    optimum above them first (a spent budget then stops the climb where the gains are)."""
+    grid = (8, 16, 32, 64, 128, 256, 512, None)
+    inner = analytic_measure(256)
+    measured: list[int | None] = []
+
+    def measure(config: SchedConfig, qps: float) -> RunResult:
+        if not measured or measured[-1] != config.sub_batch_size:
+            measured.append(config.sub_batch_size)
+        return inner(config, qps)
+
+    search = LoadSearch()
+    known = {c: search.run(inner, c, TARGET, 100.0) for c in
+             (SchedConfig(sub_batch_size=b) for b in (32, 64, None))}  # fmt: skip
+    result = hill_climb(
+        measure, TARGET, SchedConfig(), Grids(sub_batch_size=grid), 100.0, search, known=known
+    )
+    assert result.best.config.sub_batch_size == 256
+    # up from b=64 to two drops (512, then the known whole-query baseline), then down past
+    # 32 (known) while nothing improves; no baseline is measured again
+    assert measured[:3] == [128, 256, 512] and set(measured[3:]) <= {16, 8}
+    assert [c.config.sub_batch_size for c in result.climbed][:2] == [64, 128]
+    plain = hill_climb(inner, TARGET, SchedConfig(), Grids(sub_batch_size=grid), 100.0, search)
+    assert plain.best.config.sub_batch_size == 256  # without baselines: the grid in order
+    assert [c.config.sub_batch_size for c in plain.climbed][:2] == [8, 16]

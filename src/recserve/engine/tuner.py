@@ -20,6 +20,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from recserve.engine.config import SchedConfig
 from recserve.loadgen.metrics import LatencyTarget, RunResult
@@ -224,33 +225,57 @@ def hill_climb(
     for name, grid in grids.stages():
         if name in ("gpu_max_batch", "gpu_max_delay") and not config.uses_gpu:
             continue  # nothing is offloaded, so there is nothing to coalesce
-        drops = 0
-        last = best.qps if best is not None else None
-        for value in grid:
-            candidate = config.with_(**{name: value})
-            if best is not None and candidate == best.config:
-                continue
-            try:
-                found = known.get(candidate) or search.run(measure, candidate, target, start_qps)
-            except stop_on as err:
-                if best is None:
-                    raise
-                elapsed = time.perf_counter() - began
-                return TuneResult("hill_climb", target, best, climbed, elapsed, stopped=str(err))
-            climbed.append(found)
-            if best is None or found.qps > best.qps:  # ties keep the earlier, simpler value
-                best = found
-            if last is not None and found.qps < last:  # the knob's trend turned down
-                drops += 1
-                if drops > patience:
-                    break
-            else:
-                drops = 0
-            last = found.qps
+        seen: set[SchedConfig] = set()
+        here = {v: known.get(config.with_(**{name: v})) for v in grid}
+        for leg in _legs(grid, here.get):
+            drops = 0
+            last = best.qps if best is not None else None
+            for value in leg:
+                candidate = config.with_(**{name: value})
+                if candidate in seen or (best is not None and candidate == best.config):
+                    if candidate in known:  # a leg's starting point: the trend starts there
+                        last = known[candidate].qps
+                    continue
+                seen.add(candidate)
+                try:
+                    found = known.get(candidate) or search.run(
+                        measure, candidate, target, start_qps
+                    )
+                except stop_on as err:
+                    if best is None:
+                        raise
+                    elapsed = time.perf_counter() - began
+                    return TuneResult(
+                        "hill_climb", target, best, climbed, elapsed, stopped=str(err)
+                    )
+                climbed.append(found)
+                if best is None or found.qps > best.qps:  # ties keep the earlier, simpler value
+                    best = found
+                if last is not None and found.qps < last:  # the knob's trend turned down
+                    drops += 1
+                    if drops > patience:
+                        break
+                else:
+                    drops = 0
+                last = found.qps
         assert best is not None
         config = best.config
     assert best is not None, "empty grids"
     return TuneResult("hill_climb", target, best, climbed, time.perf_counter() - began)
+
+
+def _legs(grid: Sequence[Any], known: Callable[[Any], ConfigResult | None]) -> list[Sequence[Any]]:
+    """The order a knob's values are climbed in. Without measured values on the grid: the grid
+    in order. With some (``known(value)``, e.g. the static baselines): from the best of them
+    up the grid, then from it down, so the climb starts where the baselines left off instead
+    of re-walking values they already rule out (on a CPU, the small batch sizes are the
+    slowest to probe)."""
+    measured = [(v, r) for v in grid if (r := known(v)) is not None]
+    if not measured:
+        return [grid]
+    start = list(grid).index(max(measured, key=lambda vr: vr[1].qps)[0])
+    values = list(grid)
+    return [values[start:], values[start::-1]]
 
 
 def _to_verify(predicted: Mapping[SchedConfig, float], verify: int) -> list[SchedConfig]:
