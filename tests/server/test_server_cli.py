@@ -124,6 +124,9 @@ def test_bench_server_writes_summary_first(tmp_path: Path, engine: str) -> None:
     for name in ("wnd", "dlrm-rmc2"):
         for proto in ("http", "grpc", "http_shm", "grpc_shm"):  # *_shm: inputs in shared memory
             assert data["latency"][name][proto]["max_abs_diff_vs_inprocess"] < 1e-5
+        for proto in ("http_floor", "grpc_floor"):  # the bare echo server's round trip
+            assert data["latency"][name][proto]["p50_ms"] > 0
+    assert summary["http_floor_p50_ms_wnd256"] == data["latency"]["wnd"]["http_floor"]["p50_ms"]
     saturation = data["saturation"]
     assert [lv["callers"] for lv in saturation["levels"]] == [1, 3]
     for proto in ("inprocess", "http", "grpc"):  # each side's best level is its saturation QPS
@@ -157,6 +160,7 @@ def test_bench_server_writes_summary_first(tmp_path: Path, engine: str) -> None:
         "frontends",
         "soak:",
         "host speed",
+        "echo server",
     ):
         assert words in text
 

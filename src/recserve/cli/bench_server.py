@@ -176,7 +176,8 @@ def print_report(result: dict[str, Any], console: Console | None = None) -> None
     console = console or Console()
     latency = Table(title="p50 latency (ms) of one query at a time")
     for col in ("model", "in-process", "HTTP", "gRPC", "HTTP overhead", "gRPC overhead",
-                "HTTP + shared memory overhead", "gRPC + shared memory overhead"):  # fmt: skip
+                "HTTP + shared memory overhead", "gRPC + shared memory overhead",
+                "HTTP floor", "gRPC floor"):  # fmt: skip
         latency.add_column(col, justify="left" if col == "model" else "right")
     for model, r in result["latency"].items():
         cells = [f"{r[p]['p50_ms']:.2f}" for p in SIDES]
@@ -184,7 +185,12 @@ def print_report(result: dict[str, Any], console: Console | None = None) -> None
             f"{r[p]['overhead_ms']:+.2f} ({r[p]['overhead_frac']:+.0%})" if p in r else ""
             for p in (*SIDES[1:], "http_shm", "grpc_shm")
         ]
+        cells += [f"{r[p]['p50_ms']:.2f}" if p in r else "" for p in ("http_floor", "grpc_floor")]
         latency.add_row(model, *cells)
+    latency.caption = (
+        "floor: the same requests, encoded by the same clients, to a bare echo server on the "
+        "front ends' protocol stacks (aiohttp, grpc.aio)"
+    )
     console.print(latency)
     sat = result["saturation"]
     qps = Table(title=f"{sat['model']}: closed-loop QPS by concurrent callers")

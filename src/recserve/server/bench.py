@@ -49,7 +49,15 @@ from recserve.loadgen.synthetic import QueryFactory
 from recserve.models import build_model, load_model, save_model
 from recserve.polling import default_busy_poll_us
 from recserve.runtime import resolve_device
-from recserve.server.client import GRPCClient, HTTPClient, InferError, batch_tensors
+from recserve.server.client import (
+    GRPCClient,
+    HTTPClient,
+    InferError,
+    batch_tensors,
+    grpc_infer_bytes,
+    http_infer_body,
+)
+from recserve.server.echo import EchoServer, grpc_echo_call
 from recserve.server.local_engine import LocalEngine
 from recserve.server.metrics import numeric_stats
 from recserve.server.proc_stats import (
@@ -492,9 +500,11 @@ def run_bench(opts: BenchOptions) -> tuple[Path, dict[str, Any]]:
             engines[name] = in_process_engine(model, opts)
         server = ServerProcess(repo, opts)
         try:
-            latency = {
-                n: measure_latency(engines[n], server, n, queries[n], opts) for n in opts.models
-            }
+            with EchoServer(512 << 20) as echo:  # as the server ("--max-body-mb 512")
+                latency = {
+                    n: measure_latency(engines[n], server, n, queries[n], opts, echo)
+                    for n in opts.models
+                }
             saturation = measure_saturation(engines[opts.latency_model], server, opts.latency_model,
                                             queries[opts.latency_model], opts)  # fmt: skip
             config = engines[opts.latency_model].config
@@ -534,20 +544,27 @@ def run_bench(opts: BenchOptions) -> tuple[Path, dict[str, Any]]:
 
 
 def measure_latency(engine: InferenceEngine, server: ServerProcess, name: str, queries: list[Batch],
-                    opts: BenchOptions, rounds: int = 5) -> dict[str, Any]:  # fmt: skip
-    """Sequential queries: in-process, HTTP and gRPC, interleaved in ``rounds``."""
+                    opts: BenchOptions, echo: EchoServer, rounds: int = 5) -> dict[str, Any]:  # fmt: skip
+    """Sequential queries: in-process, HTTP and gRPC (and each with its inputs in shared
+    memory), and the echo server's floor for each protocol, interleaved in ``rounds``."""
     config = engine.config
     http, grpc_client = HTTPClient(server.http_url), GRPCClient(server.grpc_url)
     # HTTP with the inputs in system shared memory (the client writes each query there)
     room = max(sum(d.nbytes + 64 for *_, d in batch_tensors(q, config)) for q in queries)
     http_shm = HTTPClient(server.http_url, shared_memory_bytes=room)
     grpc_shm = GRPCClient(server.grpc_url, shared_memory_bytes=room)
+    # the same requests, encoded by the same client code, to a bare echo server on the
+    # front ends' protocol stacks: the round trip no server on them can beat
+    echo_http = HTTPClient(echo.http_url)
+    echo_grpc, echo_channel = grpc_echo_call(echo.grpc_url)
     calls: dict[str, Callable[[Batch], Any]] = {
         "inprocess": lambda b: engine.submit(b).result(),
         "http": lambda b: http.infer(name, config, b),
         "grpc": lambda b: grpc_client.infer(name, config, b),
         "http_shm": lambda b: http_shm.infer(name, config, b),
         "grpc_shm": lambda b: grpc_shm.infer(name, config, b),
+        "http_floor": lambda b: echo_http.post("/echo", *http_infer_body(b, config)),
+        "grpc_floor": lambda b: echo_grpc(grpc_infer_bytes(name, b, config)),
     }
     remote = ("http", "grpc", "http_shm", "grpc_shm")
     expected = engine.submit(queries[0]).result().numpy()
@@ -557,10 +574,8 @@ def measure_latency(engine: InferenceEngine, server: ServerProcess, name: str, q
     for r in range(rounds):
         for proto, call in calls.items():
             samples[proto] += timed(call, queries, per_round, opts.warmup if r == 0 else 2)
-    http.close()
-    grpc_client.close()
-    http_shm.close()
-    grpc_shm.close()
+    for client in (http, grpc_client, http_shm, grpc_shm, echo_http, echo_channel):
+        client.close()
     checks = timed(lambda b: validate_batch(b, config), queries, per_round, 2)
     result: dict[str, Any] = {p: percentiles(v) for p, v in samples.items()}
     base = result["inprocess"]["p50_ms"]
@@ -568,6 +583,8 @@ def measure_latency(engine: InferenceEngine, server: ServerProcess, name: str, q
         result[proto]["overhead_ms"] = result[proto]["p50_ms"] - base
         result[proto]["overhead_frac"] = result[proto]["overhead_ms"] / base
         result[proto]["max_abs_diff_vs_inprocess"] = diffs[proto]
+    for proto in ("http_floor", "grpc_floor"):  # a round trip that does no model work at all
+        result[proto]["overhead_frac"] = result[proto]["p50_ms"] / base
     q = queries[0]
     result["ids_per_query"] = int(q.sparse.values.numel())
     result["request_bytes"] = int(
@@ -718,4 +735,9 @@ def summarize(
         "http_shm_overhead_frac_rmc2_256": get("dlrm-rmc2", "http_shm", "overhead_frac"),
         "grpc_shm_p50_overhead_ms_wnd256": get("wnd", "grpc_shm", "overhead_ms"),
         "grpc_shm_overhead_frac_rmc2_256": get("dlrm-rmc2", "grpc_shm", "overhead_frac"),
+        # not target keys: the protocol's floor, the same request to a bare echo server
+        "http_floor_p50_ms_wnd256": get("wnd", "http_floor", "p50_ms"),
+        "grpc_floor_p50_ms_wnd256": get("wnd", "grpc_floor", "p50_ms"),
+        "http_floor_frac_rmc2_256": get("dlrm-rmc2", "http_floor", "overhead_frac"),
+        "grpc_floor_frac_rmc2_256": get("dlrm-rmc2", "grpc_floor", "overhead_frac"),
     }

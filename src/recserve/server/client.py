@@ -98,6 +98,31 @@ class _ClientRegion:
             self.shm.unlink()
 
 
+def _request_header(inputs: list[dict[str, Any]]) -> bytes:
+    request = {"inputs": inputs, "outputs": [{"name": OUTPUT, "parameters": {"binary_data": True}}]}
+    return json.dumps(request).encode()
+
+
+def http_infer_body(batch: Batch, config: ModelConfig) -> tuple[bytes, list[memoryview]]:
+    """The JSON header and binary tensors of an HTTP infer request for ``batch``."""
+    inputs, blobs = [], []
+    for name, datatype, shape, data in batch_tensors(batch, config):
+        params = {"binary_data_size": data.nbytes}
+        inputs.append({"name": name, "datatype": datatype, "shape": shape, "parameters": params})
+        blobs.append(data)
+    return _request_header(inputs), blobs
+
+
+def grpc_infer_bytes(model: str, batch: Batch, config: ModelConfig) -> bytes:
+    """A serialized ``ModelInferRequest`` for ``batch``, its tensors as raw contents."""
+    request = service_pb2.ModelInferRequest(model_name=model)
+    raw = []
+    for name, datatype, shape, data in batch_tensors(batch, config):
+        request.inputs.add(name=name, datatype=datatype, shape=shape)
+        raw.append(data)
+    return join_infer_request(request, raw)
+
+
 class HTTPClient:
     """KServe v2 HTTP/REST with the binary tensor data extension.
 
@@ -115,25 +140,37 @@ class HTTPClient:
     def infer(self, model: str, config: ModelConfig, batch: Batch) -> np.ndarray:
         if self._shm_bytes:
             return self._infer_shm(model, config, batch)
-        inputs, blobs = [], []
-        for name, datatype, shape, data in batch_tensors(batch, config):
-            inputs.append(
-                {
-                    "name": name,
-                    "datatype": datatype,
-                    "shape": shape,
-                    "parameters": {"binary_data_size": data.nbytes},
-                }
-            )
-            blobs.append(data)
-        return self._send_infer(model, inputs, blobs)
+        header, blobs = http_infer_body(batch, config)
+        return self._send_infer(model, header, blobs)
+
+    def post(self, path: str, header: bytes, blobs: list[Any]) -> bytes:
+        """POST a binary-extension body (``header`` JSON, then ``blobs``) to ``path`` as
+        :meth:`infer` sends it; the answer's body."""
+        status, _, body = self._post_binary(path, header, blobs)
+        if status != 200:
+            raise InferError(status, body[:200].decode(errors="replace"))
+        return body
+
+    def _post_binary(
+        self, path: str, header: bytes, blobs: list[Any]
+    ) -> tuple[int, dict[str, str], bytes]:
+        size = len(header) + sum(memoryview(b).nbytes for b in blobs)
+        return self._post(
+            path,
+            [header, *blobs],
+            {
+                "Content-Type": "application/octet-stream",
+                "Content-Length": str(size),
+                HEADER_LENGTH: str(len(header)),
+            },
+        )
 
     def _infer_shm(self, model: str, config: ModelConfig, batch: Batch) -> np.ndarray:
         placed = self._region().place(batch, config)
         inputs = [
             {"name": n, "datatype": d, "shape": sh, "parameters": p} for n, d, sh, p in placed
         ]
-        return self._send_infer(model, inputs, [])
+        return self._send_infer(model, _request_header(inputs), [])
 
     def _region(self) -> _ClientRegion:
         if self._shm is None:
@@ -150,22 +187,8 @@ class HTTPClient:
             self._shm = region
         return self._shm
 
-    def _send_infer(self, model: str, inputs: list[dict[str, Any]], blobs: list[Any]) -> np.ndarray:
-        request = {
-            "inputs": inputs,
-            "outputs": [{"name": OUTPUT, "parameters": {"binary_data": True}}],
-        }
-        header = json.dumps(request).encode()
-        size = len(header) + sum(b.nbytes for b in blobs)
-        status, headers, body = self._post(
-            f"/v2/models/{model}/infer",
-            [header, *blobs],
-            {
-                "Content-Type": "application/octet-stream",
-                "Content-Length": str(size),
-                HEADER_LENGTH: str(len(header)),
-            },
-        )
+    def _send_infer(self, model: str, header: bytes, blobs: list[Any]) -> np.ndarray:
+        status, headers, body = self._post_binary(f"/v2/models/{model}/infer", header, blobs)
         if status != 200:
             raise InferError(status, json.loads(body).get("error", ""))
         hlen = int(headers[HEADER_LENGTH])
@@ -256,10 +279,9 @@ class GRPCClient:
     def infer(
         self, model: str, config: ModelConfig, batch: Batch, timeout_s: float = 60.0
     ) -> np.ndarray:
-        request = service_pb2.ModelInferRequest(model_name=model)
-        raw = []
         try:
             if self._shm_bytes:
+                request = service_pb2.ModelInferRequest(model_name=model)
                 for name, datatype, shape, params in self._region().place(batch, config):
                     tensor = request.inputs.add(name=name, datatype=datatype, shape=shape)
                     tensor.parameters["shared_memory_region"].string_param = params[
@@ -268,11 +290,10 @@ class GRPCClient:
                     for key in ("shared_memory_byte_size", "shared_memory_offset"):
                         if key in params:
                             tensor.parameters[key].int64_param = params[key]
+                data = join_infer_request(request, [])
             else:
-                for name, datatype, shape, data in batch_tensors(batch, config):
-                    request.inputs.add(name=name, datatype=datatype, shape=shape)
-                    raw.append(data)
-            response = self._infer(join_infer_request(request, raw), timeout=timeout_s)
+                data = grpc_infer_bytes(model, batch, config)
+            response = self._infer(data, timeout=timeout_s)
         except grpc.RpcError as e:
             raise InferError(e.code().name, e.details() or "") from None
         shape = list(response.outputs[0].shape)
