@@ -380,3 +380,27 @@ def test_fast_path_validates_like_the_model() -> None:
     dense[5] = np.nan
     with pytest.raises(InvalidArgument, match="non-finite"):
         sig.fast_batch(*fast_args(_with(tensors, "dense", dense, tensors["dense"].shape)))
+
+
+@pytest.mark.parametrize("name", ["wnd", "din", "dlrm-rmc2"])
+@pytest.mark.parametrize("items", [1, 7])
+def test_client_tensors_are_each_features_ids_and_offsets_from_zero(name: str, items: int) -> None:
+    """What the clients send: per feature, its ids and its bag offsets rebased to start at 0."""
+    from recserve.loadgen.synthetic import QueryFactory
+    from recserve.models import build_model
+    from recserve.server.client import batch_tensors
+
+    config = build_model(name, "tiny", seed=0).config
+    batch = QueryFactory(config, seed=items).make(items)
+    sent = {n: (dt, shape, np.frombuffer(bytes(data), dtype="<f4" if dt == "FP32" else "<i8"))
+            for n, dt, shape, data in batch_tensors(batch, config)}  # fmt: skip
+    offsets = batch.sparse.offsets.numpy()
+    values = batch.sparse.values.numpy()
+    for f, key in enumerate(config.feature_keys):
+        own = offsets[f * items : (f + 1) * items + 1]
+        dt, shape, got = sent[f"{key}.offsets"]
+        assert dt == "INT64" and shape == [items + 1]
+        assert got.tolist() == (own - own[0]).tolist()
+        dt, shape, got = sent[f"{key}.values"]
+        assert shape == [int(own[-1] - own[0])]
+        assert got.tolist() == values[own[0] : own[-1]].tolist()

@@ -42,8 +42,8 @@ def batch_tensors(
 ) -> Iterator[tuple[str, str, list[int], memoryview]]:
     """``(name, datatype, shape, little-endian bytes)`` of every input tensor of ``batch``.
 
-    Values are views of the batch's own ids (no copy); each feature's offsets are rebased to
-    start at 0 with one small numpy subtraction (host tensors; device ones are copied once)."""
+    Values are views of the batch's own ids (no copy); the offsets of all features are rebased
+    to start at 0 with one numpy subtraction (host tensors; device ones are copied once)."""
     if config.num_dense:
         dense = batch.dense.detach().cpu().contiguous()
         yield DENSE, "FP32", list(dense.shape), dense.numpy().reshape(-1).view(np.uint8).data
@@ -52,12 +52,21 @@ def batch_tensors(
         sparse = sparse.select(config.feature_keys)
     values = sparse.values.detach().cpu().contiguous().numpy()
     offsets = sparse.offsets.detach().cpu().contiguous().numpy()
-    b = sparse.batch_size
-    for f, key in enumerate(config.feature_keys):
-        o = offsets[f * b : (f + 1) * b + 1]
-        lo, hi = int(o[0]), int(o[-1])
-        yield f"{key}.{VALUES}", "INT64", [hi - lo], values[lo:hi].view(np.uint8).data
-        yield f"{key}.{OFFSETS}", "INT64", [b + 1], (o - lo).view(np.uint8).data
+    b, f = sparse.batch_size, len(config.feature_keys)
+    if b:
+        starts, ends = offsets[:-1:b][:f], offsets[b::b][:f]
+    else:
+        starts = ends = np.full(f, offsets[0], dtype=offsets.dtype)
+    # every feature's offsets rebased to 0 with one subtraction for all of them
+    rebased = np.empty((f, b + 1), dtype=offsets.dtype)
+    rebased[:, :b] = offsets[:-1].reshape(f, b) - starts[:, None]
+    rebased[:, b] = ends - starts
+    ids = values.view(np.uint8)
+    size = values.itemsize
+    for k, key in enumerate(config.feature_keys):
+        lo, hi = int(starts[k]), int(ends[k])
+        yield f"{key}.{VALUES}", "INT64", [hi - lo], ids[lo * size : hi * size].data
+        yield f"{key}.{OFFSETS}", "INT64", [b + 1], rebased[k].view(np.uint8).data
 
 
 class _ClientRegion:
