@@ -22,37 +22,16 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
 
+from recserve.bench.pyspy import top_frames
 from recserve.loadgen.synthetic import QueryFactory
 from recserve.models import build_model, load_model, save_model
 from recserve.procname import process_name
 from recserve.server.bench import BenchOptions, ServerProcess, closed_loop_processes
 from recserve.server.proc_stats import children, cpu_by_process, cpu_roles
-
-
-def top(path: str, n: int) -> None:
-    """The ``n`` most-sampled lines (self) and stack entries (inclusive) of a raw profile."""
-    total, own, incl = 0, Counter[str](), Counter[str]()
-    with open(path) as f:
-        for line in f:
-            stack, _, count = line.rstrip().rpartition(" ")
-            if not stack:
-                continue
-            k = int(count)
-            total += k
-            frames = stack.split(";")
-            own[frames[0][:32] + " | " + frames[-1]] += k
-            for frame in set(frames[1:]):
-                incl[frame] += k
-    print(f"  {total} samples")
-    for frame, k in own.most_common(n):
-        print(f"  {k / max(total, 1):6.1%} self {frame[:160]}")
-    for frame, k in incl.most_common(n + 10)[10:]:  # the first ten are the process's entry
-        print(f"  {k / max(total, 1):6.1%} incl {frame[:160]}")
 
 
 def main() -> None:
@@ -136,7 +115,7 @@ def main() -> None:
     for role, path in profiles.items():
         print(f"== {role} (pid {picks[role]})")
         if os.path.exists(path):
-            top(path, args.top)
+            print("\n".join(top_frames(path, args.top, skip_outer=10, indent="  ")))
         else:
             print("  no profile written")
 

@@ -28,10 +28,10 @@ import statistics
 import subprocess
 import sys
 import time
-from collections import Counter
 
 import torch
 
+from recserve.bench.pyspy import top_frames
 from recserve.cli.bench_serve import runner_baseline, runner_overhead
 from recserve.engine.config import EngineConfig
 from recserve.engine.deeprecsched import STATIC_GPU, saturation_qps
@@ -48,27 +48,6 @@ def spy(pid: int, seconds: int, out: str) -> subprocess.Popen[bytes]:
     cmd = ["py-spy", "record", "-p", str(pid), "-d", str(seconds), "-r", "500",
            "--format", "raw", "-o", out, "--nonblocking", "--threads"]  # fmt: skip
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-
-
-def top(path: str, n: int = 30) -> None:
-    """The ``n`` most-sampled frames of a raw py-spy profile, self and inclusive."""
-    total, own, incl = 0, Counter[str](), Counter[str]()
-    with open(path) as f:
-        for line in f:
-            stack, _, count = line.rstrip().rpartition(" ")
-            if not stack:
-                continue
-            k = int(count)
-            total += k
-            frames = stack.split(";")
-            own[frames[0][:40] + " | " + frames[-1]] += k
-            for frame in set(frames):
-                incl[frame] += k
-    print("samples", total)
-    for frame, k in own.most_common(n):
-        print(f"{k / total:6.1%} self {frame[:170]}")
-    for frame, k in incl.most_common(n):
-        print(f"{k / total:6.1%} incl {frame[:170]}")
 
 
 def main() -> None:
@@ -126,9 +105,9 @@ def main() -> None:
         for s in spies:
             s.wait()
         print(f"== runner profile native=False ({qps:.0f} QPS)")
-        top(f"{out}/runner-0.raw")
+        print("\n".join(top_frames(f"{out}/runner-0.raw", 30, skip_outer=6)))
         print("== engine process profile")
-        top(f"{out}/engine-0.raw", 20)
+        print("\n".join(top_frames(f"{out}/engine-0.raw", 20, skip_outer=6)))
     memory.close()
     engine.close()
 
