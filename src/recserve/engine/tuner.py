@@ -226,8 +226,8 @@ def hill_climb(
         if name in ("gpu_max_batch", "gpu_max_delay") and not config.uses_gpu:
             continue  # nothing is offloaded, so there is nothing to coalesce
         seen: set[SchedConfig] = set()
-        here = {v: known.get(config.with_(**{name: v})) for v in grid}
-        for leg in _legs(grid, here.get):
+        here = {v: r for v in grid if (r := known.get(config.with_(**{name: v}))) is not None}
+        for leg in _legs(grid, here):
             drops = 0
             last = best.qps if best is not None else None
             for value in leg:
@@ -264,17 +264,16 @@ def hill_climb(
     return TuneResult("hill_climb", target, best, climbed, time.perf_counter() - began)
 
 
-def _legs(grid: Sequence[Any], known: Callable[[Any], ConfigResult | None]) -> list[Sequence[Any]]:
+def _legs(grid: Sequence[Any], known: Mapping[Any, ConfigResult]) -> list[Sequence[Any]]:
     """The order a knob's values are climbed in. Without measured values on the grid: the grid
-    in order. With some (``known(value)``, e.g. the static baselines): from the best of them
-    up the grid, then from it down, so the climb starts where the baselines left off instead
-    of re-walking values they already rule out (on a CPU, the small batch sizes are the
-    slowest to probe)."""
-    measured = [(v, r) for v in grid if (r := known(v)) is not None]
-    if not measured:
+    in order. With some (``known``: value -> result, e.g. the static baselines): from the best
+    of them up the grid, then from it down, so the climb starts where the baselines left off
+    instead of re-walking values they already rule out (on a CPU, the small batch sizes are
+    the slowest to probe)."""
+    if not known:
         return [grid]
-    start = list(grid).index(max(measured, key=lambda vr: vr[1].qps)[0])
     values = list(grid)
+    start = values.index(max(known, key=lambda v: known[v].qps))
     return [values[start:], values[start::-1]]
 
 

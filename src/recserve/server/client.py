@@ -257,6 +257,17 @@ def send_buffers(sock: socket.socket, buffers: list[Any]) -> None:
             views[first] = views[first][sent:]
 
 
+def grpc_channel(url: str, max_message_bytes: int = 256 << 20) -> grpc.Channel:
+    """A channel to ``url`` on a connection of its own (see :class:`GRPCClient`) that takes
+    messages up to ``max_message_bytes`` both ways."""
+    options = [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
+    return grpc.insecure_channel(url, options=options)
+
+
 class GRPCClient:
     """KServe v2 gRPC with ``raw_input_contents``, serialized with one copy of the tensors
     (:func:`~recserve.server.grpc_wire.join_infer_request`). ``shared_memory_bytes``: inputs
@@ -272,12 +283,7 @@ class GRPCClient:
     ) -> None:
         self._shm_bytes = shared_memory_bytes
         self._shm: _ClientRegion | None = None
-        options = [
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.use_local_subchannel_pool", 1),
-        ]
-        self._channel = grpc.insecure_channel(url, options=options)
+        self._channel = grpc_channel(url, max_message_bytes)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._infer = self._channel.unary_unary(
             "/inference.GRPCInferenceService/ModelInfer",

@@ -21,6 +21,7 @@ import grpc.aio
 from aiohttp import web
 
 from recserve.procname import set_process_name
+from recserve.server.client import grpc_channel
 
 SERVICE, METHOD = "recserve.Echo", "Call"
 PATH = f"/{SERVICE}/{METHOD}"
@@ -103,12 +104,5 @@ class EchoServer:
 
 def grpc_echo_call(url: str, max_bytes: int = 256 << 20) -> tuple[Callable[[bytes], bytes], Any]:
     """A call of the gRPC echo over a connection of its own, and the channel (to close)."""
-    channel = grpc.insecure_channel(
-        url,
-        options=[
-            ("grpc.max_send_message_length", max_bytes),
-            ("grpc.max_receive_message_length", max_bytes),
-            ("grpc.use_local_subchannel_pool", 1),
-        ],
-    )
+    channel = grpc_channel(url, max_bytes)
     return channel.unary_unary(PATH), channel

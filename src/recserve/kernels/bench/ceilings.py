@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import triton
 
+from recserve.kernels.bench.report import matched_key
 from recserve.kernels.ceiling import random_rows
 from recserve.kernels.timing import eager_us, time_us
 
@@ -102,14 +103,6 @@ MATCHED_VARIANTS: tuple[tuple[int, int, int], ...] = tuple(
     (per_prog, rows, 4) for per_prog in (32, 512) for rows in (16, 32)
 )
 """(rows per program, rows per tile, warps) tried for each size-matched ceiling."""
-
-MATCHED_MAX_READS = 1 << 22
-"""Lookup counts up to this are measured; larger ones fill the GPU, and the main ceiling
-(which reads more rows than that for every row size up to 512 bytes) stands for them."""
-
-
-def matched_key(reads: int, gather: bool) -> str:
-    return f"{reads}:gather" if gather else str(reads)
 
 
 def size_matched_ceilings(

@@ -8,8 +8,9 @@ from typing import Any
 
 FBGEMM_PEERS = ("fbgemm_inference", "fbgemm_training")
 
-MATCHED_MAX = 1 << 22
-"""As :data:`recserve.kernels.bench.ceilings.MATCHED_MAX_READS` (this module imports no torch)."""
+MATCHED_MAX_READS = 1 << 22
+"""Lookup counts up to this get a size-matched ceiling; larger ones fill the GPU, and the main
+ceiling (which reads more rows than that for every row size up to 512 bytes) stands for them."""
 
 LARGE_LOOKUPS = 1 << 21
 """Cases with at least this many lookups fill the GPU (2M rows: about 100 microseconds);
@@ -25,6 +26,11 @@ def ceiling_for(ceilings: dict[int, dict[str, Any]], row_bytes: int) -> float:
     return float(ceilings[sizes[-1]]["rows_per_s"]) * sizes[-1] / row_bytes
 
 
+def matched_key(reads: int, gather: bool) -> str:
+    """The key of a size-matched ceiling in ``ceilings.size_matched[row bytes]``."""
+    return f"{reads}:gather" if gather else str(reads)
+
+
 def matched_ceiling_for(
     matched: dict[int, dict[str, dict[str, Any]]] | None,
     ceilings: dict[int, dict[str, Any]],
@@ -37,11 +43,11 @@ def matched_ceiling_for(
     gather = row["pooling"] == 1 or (
         isinstance(row["pooling"], list) and set(row["pooling"]) == {1}
     )
-    hit = (matched or {}).get(size, {}).get(f"{lookups}:gather" if gather else str(lookups))
+    hit = (matched or {}).get(size, {}).get(matched_key(lookups, gather))
     if hit is not None:
         return float(hit["rows_per_s"])
     main = ceilings.get(size)
-    if not gather and main is not None and lookups >= min(main.get("reads", 0), MATCHED_MAX):
+    if not gather and main is not None and lookups >= min(main.get("reads", 0), MATCHED_MAX_READS):
         return float(main["rows_per_s"])
     return None
 

@@ -32,7 +32,6 @@ from recserve.kernels.bench import ablation, checks, report
 from recserve.kernels.bench.cases import Case, TableSet, model_tables, uniform_tables
 from recserve.kernels.bench.ceilings import (
     CEILING_VARIANTS,
-    MATCHED_MAX_READS,
     MATCHED_VARIANTS,
     copy_bandwidth,
     launch_floor_us,
@@ -206,7 +205,7 @@ def _matched_needs(
         for case in cases:
             size = case.stored_row_bytes()
             main = ceilings.get(size, {}).get("reads", 0)
-            if case.ids != "uniform" or case.lookups >= min(main, MATCHED_MAX_READS):
+            if case.ids != "uniform" or case.lookups >= min(main, report.MATCHED_MAX_READS):
                 continue
             needs.setdefault(size, set()).add((case.lookups, set(case.pooling) == {1}))
     return needs
