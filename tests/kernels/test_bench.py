@@ -11,6 +11,7 @@ from recserve.kernels.bench.cases import (
     Case,
     IdStream,
     TableSet,
+    id_dtype,
     make_inputs,
     model_tables,
     top_k_coverage,
@@ -87,6 +88,32 @@ def test_id_streams() -> None:
     assert top_k_coverage(inputs.values[: inputs.key_offsets[1]], 100) > 0.3
     one = IdStream(1000, "one-item", torch.device("cpu"), gen).sample(50)
     assert torch.unique(one).numel() == 1
+
+
+def test_int32_ids_read_the_same_rows_as_int64() -> None:
+    ts = TableSet("tiny", (300, 200), (32, 16), "fp32")
+    bench = TableBench(ts, KernelTuner("cpu"), fbgemm=False, seed=0, device="cpu", max_sets=1)
+    assert bench.id_dtype == torch.int32 and bench.id_bytes == 4
+    case = Case(ts, 8, (3, 2), "uniform")
+    inputs = bench.inputs(case, 1)[0]
+    assert inputs.values.dtype == inputs.offsets.dtype == torch.int32
+    ours = bench.backend.pooled(inputs.values, inputs.offsets, 8, None, inputs.key_offsets)
+    wide = bench.backend.pooled(
+        inputs.values.long(), inputs.offsets.long(), 8, None, inputs.key_offsets
+    )
+    reference = bench.peers["torch"].call(inputs, 8)()  # PyTorch on the same int32 ids
+    torch.testing.assert_close(ours, wide)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    assert case.must_move_bytes(4) == case.must_move_bytes(8) - 4 * (case.lookups + 2 * 8 + 1)
+    bench.close()
+    assert id_dtype(ts, "int64") == torch.int64
+    assert id_dtype(TableSet("huge", (2**31,), (4,), "fp32")) == torch.int64
+    try:
+        id_dtype(ts, "int16")
+    except ValueError as err:
+        assert "int16" in str(err)
+    else:
+        raise AssertionError("int16 ids were accepted")
 
 
 def _row(name: str, ids: str, pooling: int, us: float, torch_us: float, fb_us: float) -> dict:

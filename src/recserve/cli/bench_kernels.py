@@ -60,6 +60,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--ids",
+        choices=("int32", "int64"),
+        default="int32",
+        help="dtype of the ids and offsets recserve and PyTorch read (int32 where every "
+        "table's rows fit, as FBGEMM's inference TBE reads them; FBGEMM's training TBE "
+        "always gets int64)",
+    )
+    parser.add_argument(
         "--cases",
         action="append",
         default=[],
@@ -108,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
         tune_levers=not args.no_tune_levers,
         tuner_path=args.tuned,
         workers=args.workers,
+        ids=args.ids,
         device=args.device,
         commit=args.commit,
         seed=args.seed,

@@ -65,13 +65,14 @@ class Case:
         pool = self.pooling[0] if len(set(self.pooling)) == 1 else "mixed"
         return f"{self.tables.name}/{self.tables.dtype}/B{self.batch}/L{pool}/{self.ids}"
 
-    def must_move_bytes(self) -> int:
-        """Every looked-up row (logical row bytes), the ids and offsets (int64), the output."""
+    def must_move_bytes(self, id_bytes: int = 8) -> int:
+        """Every looked-up row (logical row bytes), the ids and offsets (``id_bytes`` each),
+        the output."""
         rows = sum(
             self.batch * p * row_bytes(d, self.tables.dtype)
             for p, d in zip(self.pooling, self.tables.dims, strict=True)
         )
-        ids = 8 * (self.lookups + self.tables.num_tables * self.batch + 1)
+        ids = id_bytes * (self.lookups + self.tables.num_tables * self.batch + 1)
         return rows + ids + self.batch * sum(self.tables.dims) * 4
 
     def stored_row_bytes(self) -> int:
@@ -154,13 +155,26 @@ class Inputs:
     key_offsets: list[int]
 
 
-def make_inputs(case: Case, streams: list[IdStream], device: torch.device) -> Inputs:
+def id_dtype(tables: TableSet, requested: str = "int32") -> torch.dtype:
+    """The ids' dtype for a table set: ``int32`` (as FBGEMM's inference TBE reads them) when
+    every row id and offset fits, else ``int64``; ``requested="int64"`` always gives int64."""
+    if requested not in ("int32", "int64"):
+        raise ValueError(f"ids dtype must be int32 or int64, got {requested!r}")
+    if requested == "int32" and max(tables.rows) < 2**31:
+        return torch.int32
+    return torch.int64
+
+
+def make_inputs(
+    case: Case, streams: list[IdStream], device: torch.device, dtype: torch.dtype = torch.int64
+) -> Inputs:
+    """One input set; ids and offsets in ``dtype`` (int32 needs every offset below 2^31)."""
     b = case.batch
-    parts = [s.sample(b * p) for s, p in zip(streams, case.pooling, strict=True)]
-    lengths = torch.cat(
-        [torch.full((b,), p, dtype=torch.int64, device=device) for p in case.pooling]
-    )
-    offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=device)
+    if dtype == torch.int32 and case.lookups >= 2**31:
+        raise ValueError(f"{case.name}: {case.lookups} lookups do not fit int32 offsets")
+    parts = [s.sample(b * p).to(dtype) for s, p in zip(streams, case.pooling, strict=True)]
+    lengths = torch.cat([torch.full((b,), p, dtype=dtype, device=device) for p in case.pooling])
+    offsets = torch.zeros(lengths.numel() + 1, dtype=dtype, device=device)
     torch.cumsum(lengths, 0, out=offsets[1:])
     key_offsets = [0]
     for p in case.pooling:

@@ -25,7 +25,8 @@ FBGEMM_LIBS = (
 
 
 class TorchPeer:
-    """``F.embedding_bag`` per table (sum, include_last_offset), outputs concatenated.
+    """``F.embedding_bag`` per table (sum, include_last_offset), outputs concatenated, on the
+    case's ids as they are (int32 or int64: both are native to its CUDA kernel).
 
     Reads recserve's packed rows in place (fp32/fp16 tables whose rows need no padding are
     plain ``[R, D]`` blocks of the buffer). PyTorch has no CUDA int8 row-wise bag: not for int8.
@@ -151,8 +152,10 @@ class FbgemmTrainingPeer:
                 w.copy_(backend.stored(i).rows)
 
     def call(self, inputs: Inputs, batch: int) -> Callable[[], torch.Tensor]:
+        idx, off = inputs.values.long(), inputs.offsets.long()  # its usual int64, made ahead
+
         def run() -> Any:
             with torch.no_grad():
-                return self.module(inputs.values, inputs.offsets)
+                return self.module(idx, off)
 
         return run

@@ -77,6 +77,8 @@ class BenchOptions:
     """``cpu`` runs a smoke test of the whole pipeline under ``TRITON_INTERPRET=1``."""
     commit: str = ""
     seed: int = 0
+    ids: str = "int32"
+    """Dtype of the cases' ids and offsets (int32 where the rows fit, or int64)."""
     checks: bool = True
     ablation: bool = True
     cases: tuple[str, ...] = ()
@@ -184,6 +186,7 @@ def _environment(opts: BenchOptions) -> dict[str, Any]:
             "mode": opts.mode,
             "budget_s": opts.budget_s,
             "table_bytes": opts.table_bytes,
+            "ids": opts.ids,
         },
     }
 
@@ -342,6 +345,7 @@ def run(opts: BenchOptions) -> dict[str, Any]:
             opts.seed,
             opts.device,
             max_sets=2 if small else MAX_SETS,
+            ids=opts.ids,
         )
         result.setdefault("peer_errors", {})[f"{ts.name}/{ts.dtype}"] = bench.peer_errors
         if opts.mode == "probe":

@@ -13,6 +13,7 @@ from recserve.kernels.bench.cases import (
     IdStream,
     Inputs,
     TableSet,
+    id_dtype,
     make_inputs,
     top_k_coverage,
 )
@@ -51,9 +52,12 @@ class TableBench:
         seed: int,
         device: str = "cuda",
         max_sets: int = MAX_SETS,
+        ids: str = "int32",
     ) -> None:
         self.tables = tables
         self.max_sets = max_sets
+        self.id_dtype = id_dtype(tables, ids)
+        self.id_bytes = self.id_dtype.itemsize
         self.device = torch.device(device)
         gen = torch.Generator(device=self.device)
         gen.manual_seed(seed)
@@ -91,7 +95,7 @@ class TableBench:
         if streams is None:
             streams = [IdStream(r, case.ids, self.device, self.gen) for r in self.tables.rows]
             self.streams[case.ids] = streams
-        return [make_inputs(case, streams, self.device) for _ in range(count)]
+        return [make_inputs(case, streams, self.device, self.id_dtype) for _ in range(count)]
 
     def sets_for(self, case: Case) -> int:
         row_bytes = case.lookups * case.stored_row_bytes()
@@ -222,7 +226,8 @@ class TableBench:
             "lookups": case.lookups,
             "input_sets": len(sets),
             "stored_row_bytes": case.stored_row_bytes(),
-            "must_move_bytes": case.must_move_bytes(),
+            "ids_dtype": str(self.id_dtype).removeprefix("torch."),
+            "must_move_bytes": case.must_move_bytes(self.id_bytes),
             "coverage_top60k": top_k_coverage(first.values[: first.key_offsets[1]]),
             "unique_vs_uniform": skew["unique_vs_uniform"],
             "bucket": bucket.key(),
@@ -254,7 +259,7 @@ class TableBench:
                 continue
             row[name] = {
                 "us": us,
-                "gbps": case.must_move_bytes() / us / 1e3,
+                "gbps": case.must_move_bytes(self.id_bytes) / us / 1e3,
                 "rows_per_s": case.lookups / us * 1e6,
             }
         return row
