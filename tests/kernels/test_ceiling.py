@@ -22,6 +22,13 @@ def test_random_rows(width: int, hashed: bool, gen: torch.Generator) -> None:
     assert rel_err(out[:, :width], random_rows_reference(table, used, 32)) < 1e-5
 
 
+def test_int32_ids_read_the_same_rows(gen: torch.Generator) -> None:
+    table = torch.randn(64, 32, generator=gen)
+    ids = torch.randint(0, 64, (128,), generator=gen)
+    wide = random_rows(table, 32, ids, 128, per_prog=32, rows=8)
+    assert torch.equal(random_rows(table, 32, ids.int(), 128, per_prog=32, rows=8), wide)
+
+
 def test_hashed_ids_are_spread() -> None:
     ids = hashed_ids(1 << 14, 1 << 10)
     assert ids.min() >= 0 and ids.max() < 1 << 10
@@ -50,4 +57,5 @@ def test_size_matched_ceilings_measure_each_size_asked_for() -> None:
     plain = got[64]["100"]
     assert plain["reads"] == 128 and plain["per_prog"] == 32  # rounded up to whole programs
     assert plain["rows_per_s"] == plain["reads"] / plain["us"] * 1e6 > 0
+    assert plain["hashed_ids"] is False and plain["hashed_ids_rows_per_s"] > 0  # ids read
     assert launch_floor_us("cpu") > 0

@@ -63,9 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--ids",
         choices=("int32", "int64"),
         default="int32",
-        help="dtype of the ids and offsets recserve and PyTorch read (int32 where every "
-        "table's rows fit, as FBGEMM's inference TBE reads them; FBGEMM's training TBE "
-        "always gets int64)",
+        help="dtype of the ids recserve and PyTorch read (int32 where every table's rows "
+        "fit, as FBGEMM's inference TBE reads them; FBGEMM's training TBE always gets "
+        "int64); offsets stay int64",
     )
     parser.add_argument(
         "--cases",

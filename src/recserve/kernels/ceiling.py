@@ -53,7 +53,7 @@ def _random_rows_kernel(
         if HASH:
             ids = (_mix32((i + seed).to(tl.uint32)) & rows_mask).to(tl.int64)
         else:
-            ids = tl.load(ids_ptr + i)
+            ids = tl.load(ids_ptr + i).to(tl.int64)  # int32 or int64 ids
         row = tl.multiple_of(ids * tl.multiple_of(stride, VEC), [VEC])
         tile = tl.load(table_ptr + row[:, None] + w[None, :], mask=w_ok[None, :], other=0.0)
         if GATHER:

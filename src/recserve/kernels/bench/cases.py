@@ -66,13 +66,13 @@ class Case:
         return f"{self.tables.name}/{self.tables.dtype}/B{self.batch}/L{pool}/{self.ids}"
 
     def must_move_bytes(self, id_bytes: int = 8) -> int:
-        """Every looked-up row (logical row bytes), the ids and offsets (``id_bytes`` each),
-        the output."""
+        """Every looked-up row (logical row bytes), the ids (``id_bytes`` each), the offsets
+        (int64), the output."""
         rows = sum(
             self.batch * p * row_bytes(d, self.tables.dtype)
             for p, d in zip(self.pooling, self.tables.dims, strict=True)
         )
-        ids = id_bytes * (self.lookups + self.tables.num_tables * self.batch + 1)
+        ids = id_bytes * self.lookups + 8 * (self.tables.num_tables * self.batch + 1)
         return rows + ids + self.batch * sum(self.tables.dims) * 4
 
     def stored_row_bytes(self) -> int:
@@ -157,7 +157,7 @@ class Inputs:
 
 def id_dtype(tables: TableSet, requested: str = "int32") -> torch.dtype:
     """The ids' dtype for a table set: ``int32`` (as FBGEMM's inference TBE reads them) when
-    every row id and offset fits, else ``int64``; ``requested="int64"`` always gives int64."""
+    every row id fits, else ``int64``; ``requested="int64"`` always gives int64."""
     if requested not in ("int32", "int64"):
         raise ValueError(f"ids dtype must be int32 or int64, got {requested!r}")
     if requested == "int32" and max(tables.rows) < 2**31:
@@ -168,13 +168,14 @@ def id_dtype(tables: TableSet, requested: str = "int32") -> torch.dtype:
 def make_inputs(
     case: Case, streams: list[IdStream], device: torch.device, dtype: torch.dtype = torch.int64
 ) -> Inputs:
-    """One input set; ids and offsets in ``dtype`` (int32 needs every offset below 2^31)."""
+    """One input set: ids in ``dtype``, offsets in int64 (so the kernel's index arithmetic,
+    and the code it compiles to, is the same for either id width)."""
     b = case.batch
-    if dtype == torch.int32 and case.lookups >= 2**31:
-        raise ValueError(f"{case.name}: {case.lookups} lookups do not fit int32 offsets")
     parts = [s.sample(b * p).to(dtype) for s, p in zip(streams, case.pooling, strict=True)]
-    lengths = torch.cat([torch.full((b,), p, dtype=dtype, device=device) for p in case.pooling])
-    offsets = torch.zeros(lengths.numel() + 1, dtype=dtype, device=device)
+    lengths = torch.cat(
+        [torch.full((b,), p, dtype=torch.int64, device=device) for p in case.pooling]
+    )
+    offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=device)
     torch.cumsum(lengths, 0, out=offsets[1:])
     key_offsets = [0]
     for p in case.pooling:

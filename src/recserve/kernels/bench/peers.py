@@ -26,7 +26,8 @@ FBGEMM_LIBS = (
 
 class TorchPeer:
     """``F.embedding_bag`` per table (sum, include_last_offset), outputs concatenated, on the
-    case's ids as they are (int32 or int64: both are native to its CUDA kernel).
+    case's ids as they are (int32 or int64: both are native to its CUDA kernel; its offsets
+    are made ahead in the ids' dtype, which it requires).
 
     Reads recserve's packed rows in place (fp32/fp16 tables whose rows need no padding are
     plain ``[R, D]`` blocks of the buffer). PyTorch has no CUDA int8 row-wise bag: not for int8.
@@ -54,7 +55,8 @@ class TorchPeer:
         for i, w in enumerate(self.weights):
             lo, hi = inputs.key_offsets[i], inputs.key_offsets[i + 1]
             off = inputs.offsets[i * batch : (i + 1) * batch + 1] - lo
-            parts.append((inputs.values[lo:hi], w, off))
+            ids = inputs.values[lo:hi]
+            parts.append((ids, w, off.to(ids.dtype)))  # its kernel wants one dtype for both
 
         def run() -> torch.Tensor:
             outs = [

@@ -78,7 +78,7 @@ class BenchOptions:
     commit: str = ""
     seed: int = 0
     ids: str = "int32"
-    """Dtype of the cases' ids and offsets (int32 where the rows fit, or int64)."""
+    """Dtype of the cases' ids (int32 where the rows fit, or int64); offsets stay int64."""
     checks: bool = True
     ablation: bool = True
     cases: tuple[str, ...] = ()
