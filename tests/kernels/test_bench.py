@@ -98,9 +98,7 @@ def test_int32_ids_read_the_same_rows_as_int64() -> None:
     inputs = bench.inputs(case, 1)[0]
     assert inputs.values.dtype == torch.int32 and inputs.offsets.dtype == torch.int64
     ours = bench.backend.pooled(inputs.values, inputs.offsets, 8, None, inputs.key_offsets)
-    wide = bench.backend.pooled(
-        inputs.values.long(), inputs.offsets, 8, None, inputs.key_offsets
-    )
+    wide = bench.backend.pooled(inputs.values.long(), inputs.offsets, 8, None, inputs.key_offsets)
     reference = bench.peers["torch"].call(inputs, 8)()  # PyTorch on the same int32 ids
     torch.testing.assert_close(ours, wide)
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
