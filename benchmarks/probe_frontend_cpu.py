@@ -61,7 +61,11 @@ def main() -> None:
         server = ServerProcess(repo, opts)
         try:
             url = server.http_url if args.proto == "http" else server.grpc_url
-            closed_loop_processes(args.proto, url, args.model, model.config, queries, 8, 2.0)
+            # Warm up at the full caller count: front ends grow their staging regions, and the
+            # runner registers each new one, on first use.
+            closed_loop_processes(
+                args.proto, url, args.model, model.config, queries, args.callers, 3.0
+            )
             below = [server.proc.pid]
             pids: list[int] = []
             while below:
@@ -79,18 +83,22 @@ def main() -> None:
                 role: f"{args.out}/probe-{args.proto}-{pid}.raw" for role, pid in picks.items()
             }
             result: dict[str, object] = {}
+            window_open = threading.Event()
 
             def load() -> None:
                 result.update(
                     closed_loop_processes(
                         args.proto, url, args.model, model.config, queries, args.callers,
-                        args.seconds + 2.0,
+                        args.seconds + 2.0, window_open=window_open,
                     )
                 )  # fmt: skip
 
             loader = threading.Thread(target=load)
             loader.start()
-            time.sleep(1.5)  # the callers are up and the window is open
+            # Client processes take seconds to start; profile only once their load is on.
+            if not window_open.wait(180):
+                raise SystemExit("the callers did not start within 180 s")
+            time.sleep(0.5)
             before = cpu_by_process(server.proc.pid)
             began = time.perf_counter()
             spies = []

@@ -190,11 +190,13 @@ def closed_loop_processes(
     callers: int,
     seconds: float,
     processes: int | None = None,
+    window_open: threading.Event | None = None,
 ) -> dict[str, Any]:
     """Like :func:`closed_loop` over the network: ``callers`` clients spread over ``processes``
     client processes (default: one each, at most half the machine's cores), each caller a thread
     with its own connection, so the clients' encoding does not share one GIL and limit the load
-    they offer. Processes start, connect and send one query before the timed window opens."""
+    they offer. Processes start, connect and send one query before the timed window opens;
+    ``window_open`` is set when it does (for a profiler that must see the load)."""
     if processes is None:
         processes = max(1, min(callers, (os.cpu_count() or 2) // 2))
     processes = min(processes, callers)
@@ -220,6 +222,9 @@ def closed_loop_processes(
         start = time.time() + 0.2
         for conn in pipes:
             conn.send((start, seconds))
+        if window_open is not None:
+            time.sleep(max(0.0, start - time.time()))
+            window_open.set()
         results = [conn.recv() for conn in pipes]
     finally:
         for proc in procs:
