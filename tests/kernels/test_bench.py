@@ -192,8 +192,9 @@ def test_summary_keys_and_plot(tmp_path: Path) -> None:
     assert abs(rows[0]["recserve"]["frac_ceiling"] - (1 << 22) / 150e-6 / 30e9) < 1e-9
     # 1000 GB/s of bytes that must move, against 30 G rows/s x 128 B = 3840 GB/s
     assert abs(rows[0]["recserve"]["frac_ceiling_bytes"] - 1000 / 3840) < 1e-9
-    assert summary["frac_ceiling_bytes_uniform_pool20plus_min_large"] == (
-        rows[0]["recserve"]["frac_ceiling_bytes"]
+    assert (
+        summary["frac_ceiling_bytes_uniform_pool20plus_min_large"]
+        == (rows[0]["recserve"]["frac_ceiling_bytes"])
     )
     result = {
         "device": "test",
