@@ -3,6 +3,8 @@ it reads whole requests over both protocols and answers a fixed reply."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from recserve.loadgen.synthetic import QueryFactory
@@ -21,6 +23,7 @@ def test_echo_server_reads_requests_and_answers_over_both_protocols() -> None:
     assert request.model_name == "wnd" and len(raw) == len(request.inputs) == len(blobs)
     assert all(bytes(r) == bytes(b) for r, b in zip(raw, blobs, strict=True))
     with EchoServer() as echo:
+        assert echo.pid > 0 and echo.pid != os.getpid()
         http = HTTPClient(echo.http_url)
         call, channel = grpc_echo_call(echo.grpc_url)
         try:

@@ -86,6 +86,11 @@ class EchoServer:
         self.http_url = f"127.0.0.1:{http_port}"
         self.grpc_url = f"127.0.0.1:{grpc_port}"
 
+    @property
+    def pid(self) -> int:
+        """The server process's id (for reading its CPU time)."""
+        return self._proc.pid or 0
+
     def close(self) -> None:
         if self._proc.is_alive():
             with contextlib.suppress(OSError):
