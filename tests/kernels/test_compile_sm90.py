@@ -26,18 +26,18 @@ SCRIPT = textwrap.dedent(
             "rows_ptr": "*fp16", "rows_sb_ptr": "*i64", "meta_ptr": "*i64",
             "remap_ptr": "*i32", "out_ptr": "*fp32", "batch": "i32", "num_tables": "i32",
             "out_stride": "i32"}
-    cases = [  # (PREFETCH, NUM_STAGES, EVICT, QUANT, HAS_PSW, SPLIT_HOT, REMAP)
-        (False, 1, "first", False, False, False, False),
-        (False, 3, "none", True, True, False, False),
-        (True, 1, "first", False, False, False, False),
-        (True, 3, "last", True, True, False, False),
-        (True, 1, "hotcold", False, False, True, True),
+    cases = [  # (PREFETCH, NUM_STAGES, EVICT, QUANT, HAS_PSW, SPLIT_HOT, REMAP, EARLY)
+        (False, 1, "first", False, False, False, False, False),
+        (False, 3, "none", True, True, False, False, True),
+        (True, 1, "first", False, False, False, False, True),
+        (True, 3, "last", True, True, False, False, False),
+        (True, 1, "hotcold", False, False, True, True, False),
     ]
     n = 0
-    for pf, stages, evict, quant, psw, split, remap in cases:
+    for pf, stages, evict, quant, psw, split, remap, early in cases:
         consts = dict(BAGS=16, ROWS=2, BLOCK_D=32, VEC=8, EVEN_D=False, QUANT=quant,
                       HAS_PSW=psw, SPLIT_HOT=split, REMAP=remap, EVICT=evict,
-                      NUM_STAGES=stages, BAG_MAJOR=False, PREFETCH=pf)
+                      NUM_STAGES=stages, BAG_MAJOR=False, PREFETCH=pf, EARLY_OFFSETS=early)
         sig = dict(base, **{k: "constexpr" for k in consts})
         if quant:
             sig["rows_ptr"] = "*u8"

@@ -25,6 +25,8 @@ CONFIGS = [
     PooledConfig(bags=4, rows=4, num_warps=1, evict="last"),
     PooledConfig(bags=2, rows=2, prefetch=True),
     PooledConfig(bags=1, rows=4, evict="first", num_stages=3, prefetch=True),
+    PooledConfig(bags=4, rows=2, early_offsets=True),
+    PooledConfig(bags=2, rows=4, order="bag", prefetch=True, early_offsets=True),
 ]
 
 
@@ -61,7 +63,9 @@ def _run(
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16", "int8"])
 @pytest.mark.parametrize(
-    "config", CONFIGS, ids=lambda c: f"b{c.bags}r{c.rows}{'p' if c.prefetch else ''}"
+    "config",
+    CONFIGS,
+    ids=lambda c: f"b{c.bags}r{c.rows}o{c.order[0]}{'p' * c.prefetch}{'f' * c.early_offsets}",
 )
 def test_matches_reference(dtype: str, config: PooledConfig, gen: torch.Generator) -> None:
     assert _run(dtype, [32, 32], [60, 45], 6, config, gen, poolings=["sum", "mean"]) < TOL
@@ -207,3 +211,24 @@ def test_rejects_bad_configs() -> None:
 
 def _spans(offsets: torch.Tensor, batch: int, num: int) -> list[tuple[int, int]]:
     return [(int(offsets[t * batch]), int(offsets[(t + 1) * batch])) for t in range(num)]
+
+
+def test_early_offsets_apply_only_where_tables_read_their_own_feature(
+    gen: torch.Generator,
+) -> None:
+    dims, rows, batch = [16, 8], [40, 30], 5
+    tables = [
+        to_stored(torch.randn(r, d, generator=gen), "fp32") for r, d in zip(rows, dims, strict=True)
+    ]
+    values, offsets = jagged([30, 40], batch, 6, gen)  # feature 0 has ids < 30, feature 1 < 40
+    crossed = pack_tables(tables, "fp32", cols=[0, 16], features=[1, 0], poolings=["sum"] * 2)
+    in_order = pack_tables(tables, "fp32", cols=[0, 16], features=[0, 1], poolings=["sum"] * 2)
+    assert not crossed.features_in_order and in_order.features_in_order
+    outs = []
+    for early in (False, True):
+        out = torch.full((batch, 24), float("nan"))
+        pooled_lookup(crossed, values, offsets, batch, out, PooledConfig(2, 4, early_offsets=early))
+        outs.append(out)
+    torch.testing.assert_close(outs[0], outs[1])  # the flag falls back: table 0 reads feature 1
+    ref = pooled_reference(tables, values, offsets, batch, ["sum"] * 2, features=[1, 0])
+    assert rel_err(outs[1], ref) < TOL

@@ -43,6 +43,7 @@ def test_candidates_are_valid() -> None:
     assert [c.prefetch for c in levers["prefetch"]] == [True]
     on = PooledConfig(prefetch=True)
     assert [c.prefetch for c in lever_candidates(on, reordered=False)["prefetch"]] == [False]
+    assert [c.early_offsets for c in levers["early_offsets"]] == [True]
 
 
 def test_skewed_buckets_add_small_tiles_and_evict_last() -> None:

@@ -28,6 +28,7 @@ win (the tuner decides per shape bucket).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 
 import torch
@@ -86,7 +87,10 @@ class PooledConfig:
     (``bag``: consecutive programs cover all tables of the same items, so output rows are
     written whole by programs running together); ``prefetch`` requests each step's rows one
     step and its ids two steps ahead, in registers (software prefetching that keeps L1, unlike
-    ``num_stages``; twice the rows in flight for the same tile).
+    ``num_stages``; twice the rows in flight for the same tile); ``early_offsets`` takes each
+    table's feature to be its index, so a program loads its bags' offsets at once instead of
+    after the table's metadata (one dependent load fewer before the ids; it applies only where
+    the tables read the features in order, :attr:`PackedRows.features_in_order`).
     """
 
     bags: int = 1
@@ -97,6 +101,7 @@ class PooledConfig:
     evict: str = "none"
     order: str = "table"
     prefetch: bool = False
+    early_offsets: bool = False
 
     def __post_init__(self) -> None:
         for name in ("bags", "rows"):
@@ -213,6 +218,7 @@ def _pooled_kernel(
     NUM_STAGES: tl.constexpr,
     BAG_MAJOR: tl.constexpr,
     PREFETCH: tl.constexpr = False,
+    EARLY_OFFSETS: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     if BAG_MAJOR:
@@ -228,7 +234,11 @@ def _pooled_kernel(
     width = tl.multiple_of(tl.load(meta + _WIDTH), VEC)
     dim = tl.load(meta + _DIM)
     col = tl.load(meta + _COL)
-    feature = tl.load(meta + _FEATURE)
+    # Table t reads feature t: the offsets need not wait for the metadata.
+    if EARLY_OFFSETS:  # noqa: SIM108 (a compile-time branch in a Triton kernel)
+        feature = t.to(tl.int64)
+    else:
+        feature = tl.load(meta + _FEATURE)
     cold_base = tl.multiple_of(tl.load(meta + _COLD_BASE), VEC)
     hot_base = cold_base  # placeholders where the flags leave them unread
     n_hot = cold_base
@@ -328,6 +338,13 @@ class PackedRows:
     meta_host: torch.Tensor
     """A host copy of ``meta`` (layout bookkeeping without device syncs)."""
 
+    @functools.cached_property
+    def features_in_order(self) -> bool:
+        """Whether table ``t`` reads feature ``t`` for every table (what ``early_offsets``
+        needs)."""
+        features = self.meta_host[: self.num_tables, META_FIELDS.index("feature")]
+        return bool(torch.equal(features, torch.arange(self.num_tables, dtype=features.dtype)))
+
 
 def pooled_lookup(
     packed: PackedRows,
@@ -391,6 +408,7 @@ def _launch(
     if config.evict == "hotcold" and not packed.split_hot:
         # Hot/cold hints need the hot prefix; without reordering every row is cold (streamed).
         config = PooledConfig(**{**config.to_dict(), "evict": "first"})  # type: ignore[arg-type]
+    early_offsets = config.early_offsets and packed.features_in_order
     grid = (packed.num_tables * triton.cdiv(batch_size, config.bags),)
     if grid[0] == 0:
         return None
@@ -423,5 +441,6 @@ def _launch(
         NUM_STAGES=config.num_stages,
         BAG_MAJOR=config.order == "bag",
         PREFETCH=config.prefetch,
+        EARLY_OFFSETS=early_offsets,
         **kwargs,
     )

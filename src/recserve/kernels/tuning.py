@@ -177,6 +177,7 @@ def lever_candidates(
         "evict": [with_(evict=e) for e in evicts if e != base.evict],
         "order": [with_(order="bag" if base.order == "table" else "table")],
         "prefetch": [with_(prefetch=not base.prefetch)],
+        "early_offsets": [with_(early_offsets=not base.early_offsets)],
     }
     return {k: v for k, v in levers.items() if v}
 

@@ -42,6 +42,7 @@ def lever_variants(base: PooledConfig, pooling: int) -> dict[str, list[PooledCon
         "evict": [_with(base, evict=e) for e in ("none", "first", "last")],
         "order": [_with(base, order=o) for o in ("table", "bag")],
         "prefetch": [_with(base, prefetch=p) for p in (False, True)],
+        "early_offsets": [_with(base, early_offsets=e) for e in (False, True)],
     }
 
 

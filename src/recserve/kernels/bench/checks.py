@@ -74,6 +74,8 @@ CHECK_CONFIGS = (
     PooledConfig(2, 4, num_warps=1, evict="last"),
     PooledConfig(16, 2, num_warps=2, prefetch=True),
     PooledConfig(1, 8, evict="first", prefetch=True),
+    PooledConfig(8, 4, num_warps=2, early_offsets=True),
+    PooledConfig(4, 8, order="bag", prefetch=True, early_offsets=True),
 )
 CHECK_SHAPES = (
     ("dim128", [128, 128], [5000, 3000]),

@@ -160,7 +160,7 @@ def summarize(cases: list[dict[str, Any]], ablation: list[dict[str, Any]]) -> di
 
 def config_name(cfg: dict[str, Any] | None) -> str:
     """``8x4w2`` plus the levers away from their defaults (``n128``, ``s3``, ``e:first``,
-    ``o:bag``, ``p`` for prefetching)."""
+    ``o:bag``, ``p`` for prefetching, ``f`` for early offsets)."""
     if not cfg:
         return "-"
     out = f"{cfg['bags']}x{cfg['rows']}w{cfg['num_warps']}"
@@ -169,6 +169,7 @@ def config_name(cfg: dict[str, Any] | None) -> str:
     out += f"e:{cfg['evict']}" if cfg.get("evict", "none") != "none" else ""
     out += "o:bag" if cfg.get("order") == "bag" else ""
     out += "p" if cfg.get("prefetch") else ""
+    out += "f" if cfg.get("early_offsets") else ""
     return out
 
 
