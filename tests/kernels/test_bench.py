@@ -164,6 +164,9 @@ def test_case_table_shows_speedups_and_the_earlier_config() -> None:
     assert "2x8w1e:last (8x4w8s3)" in first and "2.13" in first and "1.20" in first
     assert "0.29" in first and "3.0e-07" in first
     assert second.split()[2] == "-"  # no earlier config timed
+    columns = header.split()
+    of_bytes = first.split()[columns.index("of_ceil_bytes")]
+    assert of_bytes == f"{row['recserve']['frac_ceiling_bytes']:.2f}"
 
 
 def test_summary_keys_and_plot(tmp_path: Path) -> None:

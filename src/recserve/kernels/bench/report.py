@@ -176,8 +176,9 @@ def config_name(cfg: dict[str, Any] | None) -> str:
 def case_table(cases: list[dict[str, Any]]) -> str:
     """A short text table of timed cases: microseconds per method, recserve's speedups over
     the best FBGEMM TBE and torch, and over the config the run started from, its fractions of
-    the random-row-read ceiling and of the size-matched one, the largest
-    relative difference from the peers' outputs, and the bucket and config used."""
+    the random-row-read ceiling (in rows, and in bytes that must move) and of the size-matched
+    one, the largest relative difference from the peers' outputs, and the bucket and config
+    used."""
 
     def us(row: dict[str, Any], name: str) -> str:
         return f"{row[name]['us']:.1f}" if name in row else "-"
@@ -196,6 +197,7 @@ def case_table(cases: list[dict[str, Any]]) -> str:
         "x_torch",
         "x_before",
         "of_ceil",
+        "of_ceil_bytes",
         "of_size_ceil",
         "max_diff",
         "skew_ratio",
@@ -220,6 +222,7 @@ def case_table(cases: list[dict[str, Any]]) -> str:
                 ratio(row, "speedup_vs_torch"),
                 ratio(row, "speedup_vs_before"),
                 ratio(row.get("recserve", {}), "frac_ceiling"),
+                ratio(row.get("recserve", {}), "frac_ceiling_bytes"),
                 ratio(row.get("recserve", {}), "frac_matched_ceiling"),
                 f"{max(diffs):.1e}" if diffs else "-",
                 f"{row['unique_vs_uniform']:.2f}" if "unique_vs_uniform" in row else "-",
@@ -230,7 +233,7 @@ def case_table(cases: list[dict[str, Any]]) -> str:
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join(
         "  ".join(
-            cell.ljust(w) if i in (0, 11, 12) else cell.rjust(w)
+            cell.ljust(w) if i in (0, len(header) - 2, len(header) - 1) else cell.rjust(w)
             for i, (cell, w) in enumerate(zip(line, widths, strict=True))
         ).rstrip()
         for line in lines
