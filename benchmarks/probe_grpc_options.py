@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing as mp
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -34,23 +33,22 @@ from recserve.loadgen.synthetic import QueryFactory
 from recserve.models import build_model
 from recserve.server.client import HTTPClient, grpc_infer_bytes, http_infer_body
 from recserve.server.echo import EchoServer
+from recserve.server.grpc_wire import MAX_FRAME_BYTES
+from recserve.server.proc_stats import cpu_seconds
 
 SERVICE, METHOD = "recserve.Probe", "Call"
 LIMIT = 256 << 20
 BASE = [("grpc.max_receive_message_length", LIMIT), ("grpc.max_send_message_length", LIMIT)]
 VARIANTS: dict[str, tuple[str, list[tuple[str, Any]]]] = {
     "aio, 16 KB frames (HTTP/2's default)": ("aio", []),
-    "aio, 4 MB frames (the front ends' setting)": ("aio", [("grpc.http2.max_frame_size", 4 << 20)]),
+    "aio, 4 MB frames (the front ends' setting)": (
+        "aio",
+        [("grpc.http2.max_frame_size", MAX_FRAME_BYTES)],
+    ),
     "aio, optimization_target=throughput": ("aio", [("grpc.optimization_target", "throughput")]),
     "aio, 8 MB stream window": ("aio", [("grpc.http2.lookahead_bytes", 8 << 20)]),
     "sync server, 8 threads": ("sync", []),
 }
-
-
-def _cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _serve(conn: Any, kind: str, options: list[tuple[str, Any]]) -> None:
@@ -92,7 +90,7 @@ def _closed_loop(calls: list[Callable[[], object]], pid: int, seconds: float) ->
             calls[k]()
             counts[k] += 1
 
-    server0, client0, t0 = _cpu_s(pid), time.process_time(), time.perf_counter()
+    server0, client0, t0 = cpu_seconds(pid), time.process_time(), time.perf_counter()
     threads = [threading.Thread(target=loop, args=(k,)) for k in range(len(calls))]
     for t in threads:
         t.start()
@@ -101,7 +99,7 @@ def _closed_loop(calls: list[Callable[[], object]], pid: int, seconds: float) ->
     wall, n = time.perf_counter() - t0, sum(counts)
     return {
         "requests_per_s": n / wall,
-        "server_us_per_request": (_cpu_s(pid) - server0) / n * 1e6,
+        "server_us_per_request": (cpu_seconds(pid) - server0) / n * 1e6,
         "client_us_per_request": (time.process_time() - client0) / n * 1e6,
     }
 
