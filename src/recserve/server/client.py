@@ -22,7 +22,7 @@ import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from recserve.config import ModelConfig
-from recserve.server.grpc_wire import MAX_FRAME_BYTES, join_infer_request
+from recserve.server.grpc_wire import join_infer_request
 from recserve.server.http_codec import HEADER_LENGTH
 from recserve.server.protocol import DENSE, OFFSETS, OUTPUT, VALUES
 from recserve.types import Batch
@@ -264,7 +264,6 @@ def grpc_channel(url: str, max_message_bytes: int = 256 << 20) -> grpc.Channel:
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.use_local_subchannel_pool", 1),
-        ("grpc.http2.max_frame_size", MAX_FRAME_BYTES),
     ]
     return grpc.insecure_channel(url, options=options)
 

@@ -27,7 +27,7 @@ from tritonclient.grpc import model_config_pb2, service_pb2
 
 from recserve.server.core import ServerCore
 from recserve.server.errors import InvalidArgument, ServerError, internal
-from recserve.server.grpc_wire import MAX_FRAME_BYTES, split_infer_request
+from recserve.server.grpc_wire import split_infer_request
 from recserve.server.http_codec import shm_source
 from recserve.server.protocol import (
     ModelSignature,
@@ -317,9 +317,6 @@ def build_server(
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.so_reuseport", 0 if forward is None else 1),
-            # Clients may send 4 MB HTTP/2 frames (default 16 KB): fewer frames for a large
-            # request (probe_grpc_options.py: 3-10% less server CPU per 636 KB request).
-            ("grpc.http2.max_frame_size", MAX_FRAME_BYTES),
         ]
     )
     servicer = KServeServicer(core)

@@ -24,10 +24,6 @@ from tritonclient.grpc import service_pb2
 
 from recserve.server.errors import InvalidArgument
 
-MAX_FRAME_BYTES = 4 << 20
-"""The HTTP/2 frame size recserve's gRPC servers accept and its clients allow (16 KB is the
-protocol's default): a 256-item wnd request can then cross in one frame instead of 39."""
-
 RAW_INPUT_CONTENTS = 7
 _RAW_KEY = RAW_INPUT_CONTENTS << 3 | 2
 _RAW_TAG = bytes([_RAW_KEY])
