@@ -236,8 +236,9 @@ def test_guided_search_measures_more_than_one_offload_threshold() -> None:
 
 
 def test_guided_search_polish_stops_where_no_step_gains() -> None:
-    """The polish measures each neighbour of the best once and keeps the best; with nothing
-    better around it, the verified best stands."""
+    """The polish walks each way from the best, one step past the first that does not gain
+    (``patience``), and keeps the best; with nothing better around it, the verified best
+    stands."""
     real = {256: 1000.0, 128: 3000.0, 64: 2000.0, 0: 1500.0}
     seen: list[int | None] = []
 
@@ -250,9 +251,43 @@ def test_guided_search_polish_stops_where_no_step_gains() -> None:
     grids = Grids(sub_batch_size=(64,), gpu_threshold=(256, 128, 64, 0))
     guided = guided_search(measure, measure, TARGET, SchedConfig(), grids, 100.0, verify=1)
     assert guided.best.config.gpu_threshold == 128
-    assert [c.config.gpu_threshold for c in guided.climbed] == [128, 64, 256]
+    assert [c.config.gpu_threshold for c in guided.climbed] == [128, 64, 0, 256]
+    impatient = guided_search(
+        measure, measure, TARGET, SchedConfig(), grids, 100.0, verify=1, patience=0
+    )
+    assert [c.config.gpu_threshold for c in impatient.climbed] == [128, 64, 256]
     none = guided_search(measure, measure, TARGET, SchedConfig(), grids, 100.0, verify=1, polish=0)
     assert [c.config.gpu_threshold for c in none.climbed] == [128]
+
+
+def test_guided_search_polish_looks_past_a_step_that_does_not_gain() -> None:
+    """ncf on the H200 (bench_serve.json, 75fdb5e): the climb measured 8574 QPS at T=0 and at
+    T=64, and 11120 at T=128. A polish that stops at the first step without a gain stays at
+    T=0; one step of patience reaches T=128, and then the delay's grid is walked too."""
+    real = {512: 6612.0, 256: 6905.0, 128: 11120.0, 64: 8574.0, 0: 8574.0}
+    predicted = {512: 5000.0, 256: 6000.0, 128: 7000.0, 64: 9000.0, 0: 9500.0}
+
+    def table(capacity: dict[int, float], delay_gain: float) -> Callable[..., RunResult]:
+        def measure(config: SchedConfig, qps: float) -> RunResult:
+            t = config.gpu_threshold
+            limit = 100.0 if t is None else capacity[t]
+            limit *= 1 + delay_gain * (config.gpu_max_delay or 0.0) * 1e3
+            ok = qps <= limit
+            return RunResult(qps, 100, np.full(100, 0.001 if ok else 0.05), duration=1.0)
+
+        return measure
+
+    grids = Grids(
+        sub_batch_size=(256,), gpu_threshold=(512, 256, 128, 64, 0), gpu_max_delay=(5e-4, 2e-3)
+    )
+    real_measure, guide = table(real, 0.1), table(predicted, 0.0)
+    args = (real_measure, guide, TARGET, SchedConfig(), grids, 100.0)
+    guided = guided_search(*args, verify=1)
+    assert guided.climbed[0].config.gpu_threshold == 0  # the simulation's favourite
+    assert guided.best.config.gpu_threshold == 128
+    assert guided.best.config.gpu_max_delay == 5e-4  # the delay's walk came after
+    assert guided.best.qps > 1.04 * 11120 / 1.05
+    assert guided_search(*args, verify=1, patience=0).best.config.gpu_threshold == 0
 
 
 def test_the_delay_is_not_climbed_when_nothing_goes_to_the_gpu() -> None:
