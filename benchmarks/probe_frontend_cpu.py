@@ -44,6 +44,7 @@ def main() -> None:
     p.add_argument("--callers", type=int, default=64)
     p.add_argument("--seconds", type=int, default=6)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--native", action="store_true", help="py-spy --native: C and Cython frames too")
     p.add_argument("--out", default=tempfile.gettempdir(), help="folder for the raw profiles")
     args = p.parse_args()
     if shutil.which("py-spy") is None:
@@ -104,7 +105,8 @@ def main() -> None:
             spies = []
             for role, path in profiles.items():
                 cmd = ["py-spy", "record", "-p", str(picks[role]), "-d", str(args.seconds),
-                       "-r", "250", "--format", "raw", "-o", path, "--nonblocking", "--threads"]  # fmt: skip
+                       "-r", "250", "--format", "raw", "-o", path, "--threads",
+                       *(["--native"] if args.native else ["--nonblocking"])]  # fmt: skip
                 out = subprocess.DEVNULL
                 spies.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT))
             for spy in spies:
