@@ -9,9 +9,11 @@ from recserve.kernels.tuning import (
     CombinedTimer,
     KernelTuner,
     ShapeBucket,
+    TunedEntry,
     device_slug,
     heuristic_config,
     lever_candidates,
+    shipped_configs,
     skew_tile_candidates,
     tile_candidates,
 )
@@ -120,3 +122,23 @@ def test_tune_picks_fastest_and_keeps_only_real_lever_gains(tmp_path: Path) -> N
 def test_device_slug() -> None:
     assert device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
     assert device_slug("  ") == "unknown"
+
+
+def test_devices_of_the_same_architecture_take_the_shipped_h200_configs(tmp_path: Path) -> None:
+    h200 = KernelTuner.for_device("NVIDIA H200")
+    assert h200.entries and h200.sources == ["nvidia-h200.json"]
+    for name in ("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA GH200 480GB"):
+        tuner = KernelTuner.for_device(name)
+        assert tuner.sources == ["nvidia-h200.json"]
+        assert tuner.entries.keys() == h200.entries.keys()
+    assert shipped_configs("NVIDIA A100-SXM4-80GB") is None
+    other = KernelTuner.for_device("NVIDIA A100-SXM4-80GB")
+    assert other.entries == {} and other.sources == []
+    bucket = ShapeBucket("fp32", 32, 16, 1024)
+    assert other.config(bucket) == heuristic_config(bucket)
+    own = KernelTuner("NVIDIA H100 80GB HBM3")
+    own.entries[bucket.key()] = TunedEntry(PooledConfig(bags=2, rows=4, num_warps=1), 1.0)
+    own.save(tmp_path / "mine.json")
+    mine = KernelTuner.for_device("NVIDIA H100 80GB HBM3", tmp_path / "mine.json")
+    assert mine.config(bucket) == PooledConfig(bags=2, rows=4, num_warps=1)  # the user's file wins
+    assert mine.sources == ["nvidia-h200.json", "mine.json"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from rich.console import Console
 from server_helpers import query, reference
 
@@ -210,3 +212,16 @@ def test_the_rec_engine_on_a_gpu_takes_the_servers_batching_knobs(
     assert config.gpu_max_inflight == 5
     assert (config.busy_poll_us, config.busy_poll_max_outstanding) == (40, 3)
     assert repository.rec_engine_config(ServingConfig(device="cuda")).sched.gpu_max_delay == 0
+
+
+def test_bench_server_engine_auto_is_rec_on_a_gpu_and_local_on_the_cpu() -> None:
+    from recserve.cli.bench_server import add_parser, options_from_args, resolve_engine
+
+    assert resolve_engine("auto", "cpu") == "local"
+    assert resolve_engine("rec", "cpu") == "rec" and resolve_engine("local", "cuda") == "local"
+    expected = "rec" if torch.cuda.is_available() else "local"
+    assert resolve_engine("auto", "auto") == expected
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["server", "--device", "cpu"])
+    assert options_from_args(args).engine == "local"

@@ -78,10 +78,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--workers", type=int, default=d.workers, help="engine worker threads")
     p.add_argument(
         "--engine",
-        choices=("local", "rec"),
-        default=d.engine,
+        choices=("auto", "local", "rec"),
+        default="auto",
         help="engine behind the server and in-process alike: local (worker threads) or rec "
-        "(the DeepRecSys engine; on a GPU, its runner process)",
+        "(the DeepRecSys engine; on a GPU, its runner process); auto (default): rec on a GPU, "
+        "local on the CPU",
     )
     p.add_argument(
         "--frontends",
@@ -144,7 +145,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         soak_load=args.soak_load,
         device=args.device,
         workers=args.workers,
-        engine=args.engine,
+        engine=resolve_engine(args.engine, args.device),
         frontends=args.frontends,
         intra_op_threads=args.intra_op_threads,
         busy_poll_us=args.busy_poll_us,
@@ -155,6 +156,17 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         name="bench_server_quick" if args.quick else "bench_server",
         **fields,
     )
+
+
+def resolve_engine(engine: str, device: str) -> str:
+    """``auto``: the rec engine where the benchmark runs on a GPU (its runs of record do), the
+    local one on the CPU, where the rec engine's worker processes only add to a small machine's
+    load."""
+    if engine != "auto":
+        return engine
+    from recserve.runtime import resolve_device
+
+    return "rec" if resolve_device(device).type == "cuda" else "local"
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,6 +20,26 @@ from recserve.kernels.pooled import PooledConfig
 CONFIG_DIR = Path(__file__).parent / "configs"
 """Tuned configs shipped with recserve, one JSON file per device (``<device-slug>.json``)."""
 
+SAME_ARCHITECTURE = (("nvidia-h100", "nvidia-h200"), ("nvidia-h800", "nvidia-h200"),
+                     ("nvidia-gh200", "nvidia-h200"))  # fmt: skip
+"""Devices without shipped configs that take another device's (slug prefix -> config file
+stem): Hopper parts with HBM3 run the H200's tuning well. On an H100 80GB HBM3, the H200's
+configs reached 4.04x PyTorch and 2.02x FBGEMM's TBE over the whole sweep, no case slower
+than either (``benchmarks/results/nvidia-h100-80gb-hbm3/kernels.json``)."""
+
+
+def shipped_configs(device: str) -> Path | None:
+    """The shipped config file for ``device``: its own, else one of the same architecture
+    (:data:`SAME_ARCHITECTURE`), else None."""
+    slug = device_slug(device)
+    own = CONFIG_DIR / f"{slug}.json"
+    if own.exists():
+        return own
+    for prefix, stem in SAME_ARCHITECTURE:
+        if slug.startswith(prefix) and (CONFIG_DIR / f"{stem}.json").exists():
+            return CONFIG_DIR / f"{stem}.json"
+    return None
+
 
 def device_slug(name: str) -> str:
     """``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3`` (file and folder names)."""
@@ -232,21 +252,23 @@ class TunedEntry:
 class KernelTuner:
     """Tuned configs of one device, by shape bucket; persisted as JSON.
 
-    ``KernelTuner.for_device(name)`` starts from the configs shipped for that device (if any)
-    and, when ``path`` is given, from a user file (which wins); :meth:`save` writes them.
+    ``KernelTuner.for_device(name)`` starts from the configs shipped for that device, or for
+    one of the same architecture (:func:`shipped_configs`), and, when ``path`` is given, from a
+    user file (which wins); :meth:`save` writes them. ``sources`` names the files read.
     """
 
     def __init__(self, device: str, entries: dict[str, TunedEntry] | None = None) -> None:
         self.device = device
         self.entries: dict[str, TunedEntry] = dict(entries or {})
+        self.sources: list[str] = []
 
     @classmethod
     def for_device(cls, device: str, path: str | Path | None = None) -> KernelTuner:
         tuner = cls(device)
-        shipped = CONFIG_DIR / f"{device_slug(device)}.json"
-        for source in (shipped, Path(path) if path else None):
+        for source in (shipped_configs(device), Path(path) if path else None):
             if source is not None and source.exists():
                 tuner.merge(cls.load(source))
+                tuner.sources.append(source.name)
         return tuner
 
     @classmethod

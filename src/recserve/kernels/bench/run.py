@@ -249,6 +249,7 @@ def run(opts: BenchOptions) -> dict[str, Any]:
     opts.out.mkdir(parents=True, exist_ok=True)
     head = _environment(opts)
     tuner = KernelTuner.for_device(head["device"], opts.tuner_path)
+    head["env"]["configs"] = tuner.sources  # the shipped and user config files it started from
     fb_error = fbgemm_available() if opts.fbgemm else "disabled"
     if opts.mode == "probe":
         sets = probe_cases(opts.table_bytes)
