@@ -23,9 +23,9 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 SAME_ARCHITECTURE = (("nvidia-h100", "nvidia-h200"), ("nvidia-h800", "nvidia-h200"),
                      ("nvidia-gh200", "nvidia-h200"))  # fmt: skip
 """Devices without shipped configs that take another device's (slug prefix -> config file
-stem): Hopper parts with HBM3 run the H200's tuning well. On an H100 80GB HBM3, the H200's
-configs reached 4.04x PyTorch and 2.02x FBGEMM's TBE over the whole sweep, no case slower
-than either (``benchmarks/results/nvidia-h100-80gb-hbm3/kernels.json``)."""
+stem): the other Hopper (sm_90) parts start from the H200's tuning. Measured on the H100 80GB
+HBM3 only: there the H200's configs reached 4.04x PyTorch and 2.02x FBGEMM's TBE over the whole
+sweep, no case slower than either (``benchmarks/results/nvidia-h100-80gb-hbm3/kernels.json``)."""
 
 
 def shipped_configs(device: str) -> Path | None:
