@@ -42,6 +42,7 @@ from recserve.engine.gpu_process import runner_buckets
 from recserve.engine.query_memory import QueryMemory
 from recserve.engine.simulate import simulated_measure
 from recserve.engine.tuner import (
+    VERIFY_SEARCH,
     ConfigResult,
     Grids,
     LoadSearch,
@@ -604,7 +605,7 @@ def rematch(
     if out["same_config"]:
         out["qps_ratio"] = 1.0
         return out
-    search = LoadSearch(rel_tol=0.05, growth=1.15, shrink=1.6, max_probes=10)
+    search = VERIFY_SEARCH
     qps: dict[str, list[float]] = {"hill_climb": [], "guided": []}
     try:
         for _ in range(rounds):

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from recserve.models.registry import PRESETS
+from recserve.runtime import resolve_device
 from recserve.server.bench import BenchOptions, run_bench
 
 QUICK = {"preset": "small", "iters": 100, "warmup": 10, "concurrency": 4, "saturation_s": 4.0,
@@ -164,8 +165,6 @@ def resolve_engine(engine: str, device: str) -> str:
     load."""
     if engine != "auto":
         return engine
-    from recserve.runtime import resolve_device
-
     return "rec" if resolve_device(device).type == "cuda" else "local"
 
 

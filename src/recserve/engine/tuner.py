@@ -277,6 +277,12 @@ def _legs(grid: Sequence[Any], known: Mapping[Any, ConfigResult]) -> list[Sequen
     return [values[start:], values[start::-1]]
 
 
+VERIFY_SEARCH = LoadSearch(rel_tol=0.05, growth=1.15, shrink=1.6, max_probes=10)
+"""How a configuration whose load is roughly known is measured: from that load, up in narrow
+steps, down in wide ones (:func:`guided_search`'s verifications and polish, and measuring a
+search's best again)."""
+
+
 def _to_verify(predicted: Mapping[SchedConfig, float], verify: int) -> list[SchedConfig]:
     """The ``verify`` configurations to measure: the best predicted of each offload threshold
     first (best threshold first), then the next best predictions."""
@@ -339,7 +345,7 @@ def guided_search(
     ranked = _to_verify(predicted, verify)
     # Up in small steps (the prediction is usually close), down in larger ones (when it is
     # not, the simulation missed some contention and the limit can be far below).
-    search = search or LoadSearch(rel_tol=0.05, growth=1.15, shrink=1.6, max_probes=10)
+    search = search or VERIFY_SEARCH
     climbed = []
     for config in ranked:
         found = search.run(measure, config, target, max(predicted[config], search.min_qps))
