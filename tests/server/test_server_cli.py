@@ -225,3 +225,40 @@ def test_bench_server_engine_auto_is_rec_on_a_gpu_and_local_on_the_cpu() -> None
     add_parser(parser.add_subparsers())
     args = parser.parse_args(["server", "--device", "cpu"])
     assert options_from_args(args).engine == "local"
+
+
+def test_serve_defaults_follow_the_device(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``recserve serve`` with no engine, device or front-end count: the GPU with the rec engine
+    and front ends where there is a GPU, the CPU with the local engine and none where not."""
+    from recserve.cli import serve as serve_cli
+    from recserve.server import repository
+
+    parser = argparse.ArgumentParser()
+    serve_cli.add_server_arguments(parser)
+    args = parser.parse_args(["--repository", str(tmp_path)])
+    assert (args.engine, args.device, args.frontends) == ("auto", "auto", None)
+
+    cpu = lambda device: torch.device("cpu")  # noqa: E731
+    monkeypatch.setattr(repository, "resolve_device", cpu)
+    monkeypatch.setattr(serve_cli, "resolve_device", cpu)
+    settings = serve_cli.settings_from_args(args)
+    assert settings.serving.device == "cpu" and settings.frontends == 0
+    assert repository.resolve_engine("auto", "auto") == "local"
+
+    cuda = lambda device: torch.device("cuda")  # noqa: E731
+    monkeypatch.setattr(repository, "resolve_device", cuda)
+    monkeypatch.setattr(serve_cli, "resolve_device", cuda)
+    monkeypatch.setattr(repository.os, "cpu_count", lambda: 16)
+    settings = serve_cli.settings_from_args(args)
+    assert settings.serving.device == "cuda" and settings.frontends == 8
+    assert repository.resolve_engine("auto", "auto") == "rec"
+    assert repository.default_frontends("rec", "cuda", cores=2) == 1
+    assert repository.default_frontends("local", "cuda", cores=16) == 0
+    # asked for explicitly: kept as given
+    args = parser.parse_args(
+        ["--repository", str(tmp_path), "--engine", "local", "--frontends", "3"]
+    )
+    assert serve_cli.settings_from_args(args).frontends == 3
+    assert repository.resolve_engine("local", "cuda") == "local"
+    with pytest.raises(ValueError, match="unknown engine"):
+        repository.resolve_engine("fast", "cpu")

@@ -17,8 +17,8 @@ from rich.console import Console
 from rich.table import Table
 
 from recserve.models.registry import PRESETS
-from recserve.runtime import resolve_device
 from recserve.server.bench import BenchOptions, run_bench
+from recserve.server.repository import resolve_engine
 
 QUICK = {"preset": "small", "iters": 100, "warmup": 10, "concurrency": 4, "saturation_s": 4.0,
          "saturation_levels": (4, 16), "soak_s": 30.0, "soak_warmup_s": 10.0}  # fmt: skip
@@ -89,7 +89,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--frontends",
         type=int,
         default=None,
-        help="server front-end processes (default min(4, cores / 4))",
+        help="server front-end processes (default: as recserve serve, one per two cores up to 8 "
+        "with the rec engine on a GPU, else 0)",
     )
     p.add_argument(
         "--intra-op-threads",
@@ -157,15 +158,6 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         name="bench_server_quick" if args.quick else "bench_server",
         **fields,
     )
-
-
-def resolve_engine(engine: str, device: str) -> str:
-    """``auto``: the rec engine where the benchmark runs on a GPU (its runs of record do), the
-    local one on the CPU, where the rec engine's worker processes only add to a small machine's
-    load."""
-    if engine != "auto":
-        return engine
-    return "rec" if resolve_device(device).type == "cuda" else "local"
 
 
 def run(args: argparse.Namespace) -> int:

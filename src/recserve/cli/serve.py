@@ -12,8 +12,15 @@ from pathlib import Path
 
 import torch
 
+from recserve.runtime import resolve_device
 from recserve.server.app import InferenceServer, format_address
-from recserve.server.repository import ENGINES, EngineFactory, local_engine_factory
+from recserve.server.repository import (
+    ENGINES,
+    EngineFactory,
+    default_frontends,
+    local_engine_factory,
+    resolve_engine,
+)
 from recserve.server.settings import ServerSettings, ServingConfig
 
 
@@ -110,7 +117,11 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
         default=s.workers,
         help="local engine worker threads per model (default %(default)s)",
     )
-    p.add_argument("--device", default=s.device, help="cpu, cuda, cuda:N or auto")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="cpu, cuda, cuda:N or auto (default: the GPU where there is one)",
+    )
     p.add_argument(
         "--torch-threads",
         type=int,
@@ -119,19 +130,20 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--engine",
-        choices=sorted(ENGINES),
-        default="local",
-        help="local: worker threads calling the model (default); rec: the DeepRecSys engine in "
-        "a process of its own, which front ends send requests to directly; it joins them "
-        "itself (on a GPU in its runner process; on the CPU, split over worker processes)",
+        choices=["auto", *sorted(ENGINES)],
+        default="auto",
+        help="local: worker threads calling the model; rec: the DeepRecSys engine in a process "
+        "of its own, which front ends send requests to directly; it joins them itself (on a "
+        "GPU in its runner process; on the CPU, split over worker processes); auto (default): "
+        "rec on a GPU, local on the CPU",
     )
     p.add_argument(
         "--frontends",
         type=int,
-        default=d.frontends,
+        default=None,
         help="front-end processes that accept and decode requests and hand decoded batches to "
-        "this one (0: all on this process; raise it when request decoding limits the rate; "
-        "default %(default)s)",
+        "the engine (0: all on this process; raise it when request decoding limits the rate; "
+        "default: with the rec engine on a GPU one per two cores up to 8, else 0)",
     )
     p.add_argument(
         "--grace-s",
@@ -169,12 +181,14 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         max_queue_requests=args.max_queue,
         workers=args.workers,
         intra_op_threads=args.intra_op_threads,
-        device=args.device,
+        device=str(resolve_device(args.device)),
         busy_poll_us=args.busy_poll_us,
         busy_poll_max_outstanding=args.busy_poll_max_outstanding,
     )
     if not args.repository.is_dir():
         raise FileNotFoundError(f"model repository {args.repository} is not a folder")
+    engine = resolve_engine(args.engine, args.device)
+    frontends = default_frontends(engine, args.device) if args.frontends is None else args.frontends
     return ServerSettings(
         repository=args.repository,
         models=tuple(args.models) if args.models else None,
@@ -183,7 +197,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         grpc_port=None if args.grpc_port < 0 else args.grpc_port,
         max_body_bytes=int(args.max_body_mb * 2**20),
         grace_s=args.grace_s,
-        frontends=args.frontends,
+        frontends=frontends,
         model_control=not args.no_model_control,
         serving=serving,
     )
@@ -196,7 +210,15 @@ def run(args: argparse.Namespace) -> int:
     # The event loop shares the GIL with engine threads that run torch ops (most of which keep
     # the GIL); a short switch interval bounds how long a request waits for its turn.
     sys.setswitchinterval(float(os.environ.get("RECSERVE_SWITCH_INTERVAL", "0.0005")))
-    asyncio.run(serve(settings_from_args(args), ENGINES[args.engine]))
+    settings = settings_from_args(args)
+    engine = resolve_engine(args.engine, args.device)
+    logging.getLogger("recserve.serve").info(
+        "engine %s on %s, %d front-end processes",
+        engine,
+        settings.serving.device,
+        settings.frontends,
+    )
+    asyncio.run(serve(settings, ENGINES[engine]))
     return 0
 
 

@@ -67,7 +67,7 @@ from recserve.server.proc_stats import (
     role_cpu,
     rss,
 )
-from recserve.server.repository import ENGINES, rec_engine_config
+from recserve.server.repository import ENGINES, default_frontends, rec_engine_config
 from recserve.server.settings import ServingConfig
 from recserve.types import Batch, validate_batch
 
@@ -285,8 +285,11 @@ def _client_process(
     conn.send((sum(c[0] for c in counts), sum(c[1] for c in counts), cpu_s))
 
 
-def resolve_frontends(frontends: int | None) -> int:
-    return min(4, (os.cpu_count() or 1) // 4) if frontends is None else frontends
+def resolve_frontends(opts: BenchOptions) -> int:
+    """As asked, else what ``recserve serve`` starts by default for this engine and device."""
+    if opts.frontends is not None:
+        return opts.frontends
+    return default_frontends(opts.engine, opts.device)
 
 
 def inflight_batches(opts: BenchOptions) -> int:
@@ -328,7 +331,7 @@ class ServerProcess:
             "--workers", str(opts.workers), "--max-body-mb", "512",
             "--max-items", str(max(4096, opts.batch)), "--max-queue", str(64 * opts.concurrency),
             "--log-level", "WARNING", "--intra-op-threads", str(opts.intra_op_threads),
-            "--frontends", str(resolve_frontends(opts.frontends)),
+            "--frontends", str(resolve_frontends(opts)),
             "--torch-threads", str(opts.intra_op_threads),
             "--engine", opts.engine, "--max-inflight-batches", str(inflight_batches(opts)),
             "--busy-poll-us", str(opts.busy_poll_us),
@@ -533,7 +536,7 @@ def run_bench(opts: BenchOptions) -> tuple[Path, dict[str, Any]]:
         notes.append("CPU only: client, server and engine share the machine's cores")
     body = {
         "options": {**asdict(opts), "out": str(opts.out), "device": str(device),
-                    "frontends": resolve_frontends(opts.frontends)},
+                    "frontends": resolve_frontends(opts)},
         "latency": latency,
         "saturation": saturation,
         "soak": soak_result,

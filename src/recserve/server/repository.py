@@ -19,6 +19,7 @@ import asyncio
 import concurrent.futures
 import itertools
 import logging
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -113,6 +114,27 @@ def rec_engine_factory(model: torch.nn.Module, serving: ServingConfig) -> Infere
 
 ENGINES: dict[str, EngineFactory] = {"local": local_engine_factory, "rec": rec_engine_factory}
 """Engine factories by name (``recserve serve --engine``)."""
+
+
+def resolve_engine(engine: str, device: str) -> str:
+    """``auto``: the rec engine where the model runs on a GPU (the configuration the server's
+    benchmarks of record measure), the local one on the CPU, where the rec engine's worker
+    processes only add to a small machine's load."""
+    if engine != "auto":
+        if engine not in ENGINES:
+            raise ValueError(f"unknown engine {engine!r}: choose auto, {', '.join(ENGINES)}")
+        return engine
+    return "rec" if resolve_device(device).type == "cuda" else "local"
+
+
+def default_frontends(engine: str, device: str, cores: int | None = None) -> int:
+    """Front-end processes when none are asked for: with the rec engine on a GPU, one per two
+    cores up to 8 (8 on 16 cores is the measured configuration of record), else none (the
+    server process decodes requests itself, leaving the cores to the model)."""
+    cores = cores if cores is not None else (os.cpu_count() or 1)
+    if engine == "rec" and resolve_device(device).type == "cuda":
+        return max(1, min(8, cores // 2))
+    return 0
 
 
 def check_model_name(name: object) -> str:
