@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -29,10 +30,15 @@ READY = re.compile(r"HTTP on (\S+):(\d+), gRPC on (\S+):(\d+)")
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
 
 
-def start(repo: Path, *extra: str) -> tuple[subprocess.Popen[str], str, str]:
+def start(
+    repo: Path, *extra: str, device: str | None = "cpu", stderr: Any = None
+) -> tuple[subprocess.Popen[str], str, str]:
+    """``recserve serve`` on free loopback ports; on the CPU unless ``device`` says otherwise
+    (None: the command's default, the GPU where there is one)."""
+    where = [] if device is None else ["--device", device]
     cmd = [sys.executable, "-m", "recserve.cli.main", "serve", "--repository", str(repo),
-           "--http-port", "0", "--grpc-port", "0", "--log-level", "WARNING", *extra]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=ENV)
+           "--http-port", "0", "--grpc-port", "0", "--log-level", "WARNING", *where, *extra]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=ENV)
     assert proc.stdout is not None
     deadline = time.monotonic() + 120
     for line in proc.stdout:
@@ -83,6 +89,42 @@ def test_serve_process_answers_then_drains_on_sigterm(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.gpu
+def test_serve_by_default_runs_the_rec_engine_on_the_gpu_with_front_ends(
+    repo: Path, models: dict[str, RecModel], tmp_path: Path
+) -> None:
+    from recserve.server.proc_stats import children
+    from recserve.server.repository import default_frontends
+
+    log = (tmp_path / "serve.log").open("w+")
+    proc, http_url, grpc_url = start(
+        repo, "--model", "din", "--log-level", "INFO", device=None, stderr=log
+    )
+    try:
+        frontends = default_frontends("rec", "cuda")
+        log.seek(0)
+        assert f"engine rec on cuda, {frontends} front-end processes" in log.read()
+        assert len(children(proc.pid)) >= frontends + 1  # front ends and the engine process
+        model = models["din"]
+        for seed in range(3):
+            batch = query(model.config, 64, seed=seed)
+            for client in (HTTPClient(http_url), GRPCClient(grpc_url)):
+                np.testing.assert_allclose(
+                    client.infer("din", model.config, batch),
+                    reference(model, batch),
+                    rtol=1e-4,
+                    atol=1e-5,
+                )
+                client.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
 
 
 def test_serve_rejects_missing_repository(
