@@ -152,6 +152,11 @@ class HTTPClient:
         header, blobs = http_infer_body(batch, config)
         return self._send_infer(model, header, blobs)
 
+    def infer_encoded(self, model: str, body: tuple[bytes, list[Any]]) -> np.ndarray:
+        """:meth:`infer` with the request already encoded (``http_infer_body``), as a load
+        generator sends the same queries again and again without encoding them each time."""
+        return self._send_infer(model, *body)
+
     def post(self, path: str, header: bytes, blobs: list[Any]) -> bytes:
         """POST a binary-extension body (``header`` JSON, then ``blobs``) to ``path`` as
         :meth:`infer` sends it; the answer's body."""
@@ -308,6 +313,14 @@ class GRPCClient:
                 data = join_infer_request(request, [])
             else:
                 data = grpc_infer_bytes(model, batch, config)
+        except grpc.RpcError as e:
+            raise InferError(e.code().name, e.details() or "") from None
+        return self.infer_encoded(data, timeout_s)
+
+    def infer_encoded(self, data: bytes, timeout_s: float = 60.0) -> np.ndarray:
+        """:meth:`infer` with the request already serialized (``grpc_infer_bytes``), as a load
+        generator sends the same queries again and again without encoding them each time."""
+        try:
             response = self._infer(data, timeout=timeout_s)
         except grpc.RpcError as e:
             raise InferError(e.code().name, e.details() or "") from None
