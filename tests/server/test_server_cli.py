@@ -27,7 +27,11 @@ from recserve.server.bench import SOAK_HEADROOM_S, BenchOptions, run_bench
 from recserve.server.client import GRPCClient, HTTPClient, InferError
 
 READY = re.compile(r"HTTP on (\S+):(\d+), gRPC on (\S+):(\d+)")
-ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+SRC = str(Path(__file__).resolve().parents[2] / "src")
+ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")])),
+}
 
 
 def start(
@@ -99,9 +103,13 @@ def test_serve_by_default_runs_the_rec_engine_on_the_gpu_with_front_ends(
     from recserve.server.repository import default_frontends
 
     log = (tmp_path / "serve.log").open("w+")
-    proc, http_url, grpc_url = start(
-        repo, "--model", "din", "--log-level", "INFO", device=None, stderr=log
-    )
+    try:
+        proc, http_url, grpc_url = start(
+            repo, "--model", "din", "--log-level", "INFO", device=None, stderr=log
+        )
+    except AssertionError:
+        log.seek(0)
+        raise AssertionError(log.read()[-3000:]) from None
     try:
         frontends = default_frontends("rec", "cuda")
         log.seek(0)
