@@ -13,7 +13,7 @@ demo: .venv/.installed
 	$(PY) -m recserve.cli.main demo
 
 test: .venv/.installed
-	$(PY) -m pytest -q
+	PY=$(PY) sh scripts/test.sh
 
 lint: .venv/.installed
 	$(PY) -m ruff check src tests benchmarks

@@ -1,18 +1,10 @@
-"""Kernel tests run on the CPU under the Triton interpreter (set before Triton is imported)."""
+"""Kernel tests: on the CPU under the Triton interpreter (the root conftest turns it on where
+there is no GPU), on a GPU compiled (``gpu`` tests, ``TRITON_INTERPRET=0``)."""
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
 import torch
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    skip_gpu = pytest.mark.skip(reason="needs CUDA")
-    for item in items:
-        if "gpu" in item.keywords and not torch.cuda.is_available():
-            item.add_marker(skip_gpu)
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from recserve.kernels.bench import report
@@ -216,6 +217,7 @@ def test_summary_keys_and_plot(tmp_path: Path) -> None:
     assert (tmp_path / "roofline.png").stat().st_size > 10_000
 
 
+@pytest.mark.interpreter
 def test_a_skewed_bucket_is_tuned_on_all_its_cases() -> None:
     ts = TableSet("tiny", (300, 200), (32, 32), "fp32")
     # Pooling 4 and 5 share pooling bucket 4; one-item ids are skew level 2 for sure. No

@@ -49,6 +49,7 @@ def _in_one_buffer(parts: list[Batch], gen: torch.Generator) -> tuple[torch.Tens
     return buf, out
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("shared", [True, False], ids=["one-region", "separate"])
 @pytest.mark.parametrize("sizes", [[5], [3, 1, 7], [16, 16, 2, 9]])
 def test_join_matches_reference(sizes: list[int], shared: bool, gen: torch.Generator) -> None:
@@ -78,6 +79,7 @@ def test_join_matches_reference(sizes: list[int], shared: bool, gen: torch.Gener
     del buf
 
 
+@pytest.mark.interpreter
 def test_join_splits_long_segments_into_chunks(
     gen: torch.Generator, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -9,17 +9,7 @@ import pytest
 import torch
 
 from recserve.config import TableConfig
-from recserve.kernels.runtime import interpreter_enabled
 from recserve.types import KeyedJagged
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Interpreter tests feed CPU tensors to the kernels: they need ``TRITON_INTERPRET=1``
-    (the root conftest sets it where there is no GPU)."""
-    skip = pytest.mark.skip(reason="needs TRITON_INTERPRET=1")
-    for item in items:
-        if "interpreter" in item.keywords and not interpreter_enabled():
-            item.add_marker(skip)
 
 
 def random_batch(
