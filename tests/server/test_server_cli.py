@@ -198,6 +198,11 @@ def test_bench_server_writes_summary_first(tmp_path: Path, engine: str) -> None:
             assert 0.9 * level["http"]["queries"] <= counted["completed"] > 0
             assert counted["gpu_batches"] == 0  # a CPU-only engine here
             assert level["inprocess"]["engine"]["completed"] >= level["inprocess"]["queries"]
+        # the in-process engine driven by a thread per query and by one thread: the better counts
+        drivers = [level["inprocess_threads"], level["inprocess_inflight"]]
+        assert level["inprocess"]["qps"] == max(d["qps"] for d in drivers) > 0
+        assert level["inprocess"]["driver"] in ("threads", "inflight")
+        assert level["inprocess_inflight"]["errors"] == 0
         in_process = level["inprocess"]["cpu"]
         assert "callers_and_engine" in in_process and "frontends" not in in_process
         if engine == "rec":

@@ -196,13 +196,20 @@ def print_report(result: dict[str, Any], console: Console | None = None) -> None
     )
     console.print(latency)
     sat = result["saturation"]
-    qps = Table(title=f"{sat['model']}: closed-loop QPS by concurrent callers")
-    for col in ("callers", "in-process", "HTTP", "gRPC"):
+    qps = Table(title=f"{sat['model']}: closed-loop QPS by queries in flight")
+    drivers = ("inprocess_threads", "inprocess_inflight")
+    columns = ["in-process, a thread each", "in-process, one thread"]
+    if not all(d in lv for lv in sat["levels"] for d in drivers):  # files before the second
+        drivers, columns = ("inprocess",), ["in-process"]
+    for col in ("in flight", *columns, "HTTP", "gRPC"):
         qps.add_column(col, justify="right")
     for level in sat["levels"]:
-        qps.add_row(str(level["callers"]), *[f"{level[p]['qps']:.0f}" for p in SIDES])
+        sides = (*drivers, *SIDES[1:])
+        qps.add_row(str(level["callers"]), *[f"{level[p]['qps']:.0f}" for p in sides])
     ratios = " / ".join(f"{sat[p]['vs_inprocess']:.2f}" for p in SIDES[1:])
-    qps.caption = f"server / in-process at each side's best level: {ratios} (HTTP / gRPC)"
+    qps.caption = (
+        f"server / in-process (the better driver) at each side's best level: {ratios} (HTTP / gRPC)"
+    )
     console.print(qps)
     best_cpu = {
         p: next(lv for lv in sat["levels"] if lv["callers"] == sat[p]["callers"])[p].get("cpu", {})
