@@ -736,7 +736,8 @@ def plot(models: list[dict[str, Any]], path: Path) -> None:
         ax.set_xlabel("offered QPS")
         ax.set_ylabel("p95 latency (ms)")
         ax.set_ylim(0, 3 * target)
-        ax.legend(fontsize=6)
+        if ax.get_legend_handles_labels()[1]:  # a model merged without probes has no curve
+            ax.legend(fontsize=6)
     for ax in list(axes.flat)[len(models) :]:
         ax.axis("off")
     fig.tight_layout()
