@@ -7,8 +7,6 @@ estimate to start the load search from, and the schedules the paper compares aga
 
 from __future__ import annotations
 
-import threading
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +14,7 @@ import numpy as np
 from recserve.engine.config import SchedConfig
 from recserve.engine.engine import RecEngine
 from recserve.engine.tuner import ConfigResult, Grids, Measure
+from recserve.loadgen.closed import closed_loop_inflight
 from recserve.loadgen.driver import QueryPool, run_open_loop
 from recserve.loadgen.metrics import LatencyTarget, RunResult
 
@@ -103,18 +102,12 @@ def saturation_qps(
     engine.set_schedule(config)
     workers = max(1, engine.stats()["cpu_workers"])
     outstanding = outstanding or min(engine.engine_config.queue_capacity, 2 * workers + 2)
-    slots = threading.Semaphore(outstanding)
     for f in [engine.submit(pool.batches[i % len(pool)]) for i in range(outstanding)]:
         f.result()  # warm-up wave
-    began, sent = time.perf_counter(), 0
-    while time.perf_counter() - began < seconds:
-        slots.acquire()
-        future = engine.submit(pool.batches[sent % len(pool)])
-        future.add_done_callback(lambda _f: slots.release())
-        sent += 1
-    for _ in range(outstanding):
-        slots.acquire()
-    return sent / (time.perf_counter() - began)
+    run = closed_loop_inflight(engine.submit, pool.batches, outstanding, seconds)
+    if run["errors"]:
+        raise RuntimeError(f"saturation_qps: {run['errors']} queries refused or failed")
+    return float(run["qps"])
 
 
 def qps_at(result: ConfigResult, target: LatencyTarget) -> float:
