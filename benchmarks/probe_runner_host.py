@@ -7,6 +7,11 @@ a tight loop calling the runner's own pipeline on the same queries. This probe s
   enqueued) and its whole time (after copying the answer to the host);
 - the engine at 1, 4 and 16 queries in flight, with the runner's host time and device wait
   per batch (the runner reports both);
+- the pipeline alone on 1, 2, 4 and 8 queries joined into one batch (inputs already on the
+  device, synchronised each call): whether the device's time grows with the items, in which
+  case joining queries cannot raise the GPU's throughput;
+- the engine joining queued queries (T=0, cap 2048, no delay and 0.5 ms) at 16 and 64 in
+  flight, with how the runner read its inputs and the queries per batch;
 - a py-spy profile of the runner process (and of this process, the engine's loop thread) at 4
   in flight, when ``py-spy`` is on the PATH: the most-sampled lines, self and inclusive.
 
@@ -33,7 +38,8 @@ import torch
 
 from recserve.bench.pyspy import top_frames
 from recserve.cli.bench_serve import runner_baseline, runner_overhead
-from recserve.engine.config import EngineConfig
+from recserve.engine.batching import concat_batches
+from recserve.engine.config import EngineConfig, SchedConfig
 from recserve.engine.deeprecsched import STATIC_GPU, saturation_qps
 from recserve.engine.engine import RecEngine
 from recserve.engine.query_memory import QueryMemory
@@ -42,12 +48,52 @@ from recserve.loadgen.sizes import QuerySizes
 from recserve.loadgen.synthetic import QueryFactory
 from recserve.models.registry import build_model
 from recserve.procname import process_name
+from recserve.types import Batch, KeyedJagged
 
 
 def spy(pid: int, seconds: int, out: str) -> subprocess.Popen[bytes]:
     cmd = ["py-spy", "record", "-p", str(pid), "-d", str(seconds), "-r", "500",
            "--format", "raw", "-o", out, "--nonblocking", "--threads"]  # fmt: skip
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+
+def pinned_copy(batch: Batch) -> Batch:
+    s = batch.sparse
+    sparse = KeyedJagged(s.keys, s.values.pin_memory(), s.offsets.pin_memory(), s.batch_size)
+    return Batch(batch.dense.pin_memory(), sparse)
+
+
+def device_scaling(base: object, pool: QueryPool, device: torch.device | None) -> None:
+    """The pipeline on k queries joined into one page-locked host batch (copies in, forward,
+    each call synchronised): the median time per call and per query."""
+    if device is None or device.type != "cuda":
+        return
+    first = pool.batches[0]
+    print(
+        "shared queries seen as page-locked here:",
+        first.dense.is_pinned(), first.sparse.values.is_pinned(),
+    )  # fmt: skip
+    keys = first.sparse.keys
+    for k in (1, 2, 4, 8):
+        joined = [
+            pinned_copy(concat_batches(pool.batches[i : i + k], keys)) for i in range(0, 8 * k, k)
+        ]
+        times = []
+        with torch.inference_mode():
+            for i in range(120):
+                b = joined[i % len(joined)]
+                torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                base(b)  # type: ignore[operator]
+                torch.cuda.synchronize(device)
+                if i >= 20:
+                    times.append(time.perf_counter() - t0)
+        per_call = statistics.median(times) * 1e6
+        items = statistics.mean(b.batch_size for b in joined)
+        print(
+            f"device, {k} joined ({items:.0f} items): {per_call:.0f} us per call, "
+            f"{per_call / k:.0f} us per query"
+        )
 
 
 def main() -> None:
@@ -85,16 +131,29 @@ def main() -> None:
         f"tight loop: launch {statistics.median(launch) * 1e6:.0f} us, "
         f"whole {statistics.median(whole) * 1e6:.0f} us"
     )
-    for level in (1, 4, 16):
+    device_scaling(base, pool, engine.device)
+    joining = SchedConfig(sub_batch_size=None, gpu_threshold=0, gpu_max_batch=2048)
+    runs = [("alone", STATIC_GPU["gpu-only"], level) for level in (1, 4, 16)] + [
+        (f"joined, delay {d} ms", joining.with_(gpu_max_delay=d / 1e3), level)
+        for d in (0, 0.5)
+        for level in (16, 64)
+    ]
+    for label, sched, level in runs:
         s0 = engine.stats()
-        qps = saturation_qps(engine, pool, STATIC_GPU["gpu-only"], seconds=1.0, outstanding=level)
+        qps = saturation_qps(engine, pool, sched, seconds=1.0, outstanding=level)
         s1 = engine.stats()
         n = s1["gpu_batches"] - s0["gpu_batches"]
         host = (s1["gpu_runner_host_s"] - s0["gpu_runner_host_s"]) / n * 1e6
         wait = (s1["gpu_runner_device_wait_s"] - s0["gpu_runner_device_wait_s"]) / n * 1e6
+        routes = {
+            k: v - s0["gpu_batches_by_input"][k]
+            for k, v in s1["gpu_batches_by_input"].items()
+            if v > s0["gpu_batches_by_input"][k]
+        }
         print(
-            f"outstanding {level}: {qps:.0f} QPS, runner host {host:.0f} us/batch, "
-            f"wait {wait:.0f} us/batch, {n} batches"
+            f"{label}, outstanding {level}: {qps:.0f} QPS, {qps * 1.0 / max(n, 1):.1f} queries "
+            f"per batch, runner host {host:.0f} us/batch, wait {wait:.0f} us/batch, "
+            f"{n} batches, inputs {routes}"
         )
     if shutil.which("py-spy"):
         pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
