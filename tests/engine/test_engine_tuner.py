@@ -123,6 +123,29 @@ def test_hill_climb_follows_the_trend_below_the_incumbent() -> None:
     assert result.best.qps == pytest.approx(3000.0, rel=0.06)
 
 
+def test_hill_climb_over_t_counts_its_trend_from_the_first_threshold() -> None:
+    """On ncf (H100, 2026-12-07) the CPU alone served 9949 QPS, T=768 8366 and T=512 7346,
+    and the climb stopped there: the first T counted as a drop against the CPU's figure.
+    Lower thresholds served up to 19334 (T=128, measured by the guided search). The trend
+    over T starts at the first T; 384 is not measured there and is set between its
+    neighbours."""
+    capacity = {768: 8366.0, 512: 7346.0, 384: 7900.0, 256: 9838.0, 128: 19334.0, 64: 19334.0,
+                0: 18230.0}  # fmt: skip
+
+    def measure(config: SchedConfig, qps: float) -> RunResult:
+        limit = 9949.0 if config.gpu_threshold is None else capacity[config.gpu_threshold]
+        ok = qps <= limit
+        return RunResult(qps, 100, np.full(100, 0.001 if ok else 0.05), duration=1.0)
+
+    grids = Grids(sub_batch_size=(), gpu_threshold=tuple(capacity))
+    cpu = LoadSearch(rel_tol=0.01).run(measure, SchedConfig(sub_batch_size=None), TARGET, 5000.0)
+    result = hill_climb(measure, TARGET, SchedConfig(), grids, 5000.0, incumbent=cpu)
+    assert result.best.config.gpu_threshold == 128  # ties keep the earlier, simpler value
+    assert result.best.qps == pytest.approx(19334.0, rel=0.06)
+    strict = hill_climb(measure, TARGET, SchedConfig(), grids, 5000.0, incumbent=cpu, patience=0)
+    assert [c.config.gpu_threshold for c in strict.climbed] == [768, 512]  # one drop ends it
+
+
 class Spent(RuntimeError):
     pass
 

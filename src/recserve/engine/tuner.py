@@ -204,7 +204,9 @@ def hill_climb(
     best and go on. The trend, not the best so far, decides: offloading only the largest
     queries can serve less than the CPU alone did (the CPU is still the limit, and the GPU
     runner takes some of its cores) while each lower T serves more, up to well past the CPU's
-    best (measured on wnd: 0, then 101 QPS, against 143 for the CPU alone).
+    best (measured on wnd: 0, then 101 QPS, against 143 for the CPU alone). So the climb over
+    T from a CPU-only incumbent counts its trend from the first T, not from the CPU's figure
+    (on ncf, T=768 and T=512 both measured below the CPU alone, and T=128 twice its QPS).
 
     ``incumbent`` is a configuration already measured (e.g. the CPU-only climb's result when
     climbing T next): the climb starts from it and compares against it. ``patience`` more
@@ -227,9 +229,12 @@ def hill_climb(
             continue  # nothing is offloaded, so there is nothing to coalesce
         seen: set[SchedConfig] = set()
         here = {v: r for v in grid if (r := known.get(config.with_(**{name: v}))) is not None}
+        # The first offload threshold changes the regime (some queries leave the CPU), so its
+        # trend starts at the first value measured, not at the CPU-only incumbent's figure.
+        first_offload = name == "gpu_threshold" and not config.uses_gpu
         for leg in _legs(grid, here):
             drops = 0
-            last = best.qps if best is not None else None
+            last = best.qps if best is not None and not first_offload else None
             for value in leg:
                 candidate = config.with_(**{name: value})
                 if candidate in seen or (best is not None and candidate == best.config):
