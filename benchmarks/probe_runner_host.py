@@ -12,6 +12,9 @@ a tight loop calling the runner's own pipeline on the same queries. This probe s
   case joining queries cannot raise the GPU's throughput;
 - the engine joining queued queries (T=0, cap 2048, no delay and 0.5 ms) at 16 and 64 in
   flight, with how the runner read its inputs and the queries per batch;
+- with ``OPEN=1``: the engine under open-loop Poisson arrivals (what ``bench serve`` offers),
+  each query alone and joined, at a few loads for 2 s each: achieved QPS, p50 / p95 / p99 /
+  max latency and queries per batch (``bench serve``'s probes last 0.4 s);
 - a py-spy profile of the runner process (and of this process, the engine's loop thread) at 4
   in flight, when ``py-spy`` is on the PATH: the most-sampled lines, self and inclusive.
 
@@ -34,6 +37,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
 
 from recserve.bench.pyspy import top_frames
@@ -43,7 +47,7 @@ from recserve.engine.config import EngineConfig, SchedConfig
 from recserve.engine.deeprecsched import STATIC_GPU, saturation_qps
 from recserve.engine.engine import RecEngine
 from recserve.engine.query_memory import QueryMemory
-from recserve.loadgen.driver import QueryPool
+from recserve.loadgen.driver import QueryPool, run_open_loop
 from recserve.loadgen.sizes import QuerySizes
 from recserve.loadgen.synthetic import QueryFactory
 from recserve.models.registry import build_model
@@ -96,6 +100,51 @@ def device_scaling(base: object, pool: QueryPool, device: torch.device | None) -
         )
 
 
+def open_loop(
+    engine: RecEngine,
+    pool: QueryPool,
+    joining: SchedConfig,
+    loads: tuple[float, ...] = (2000.0, 3000.0, 4000.0, 5000.0),
+    label: str = "",
+) -> None:
+    """Each query alone and joined under Poisson arrivals at a few loads, 2 s each, with the
+    engine process's garbage collections over each run (full ones: count and longest)."""
+    for kind, sched in (("alone", STATIC_GPU["gpu-only"]), ("joined", joining)):
+        engine.set_schedule(sched)
+        for qps in loads:
+            s0 = engine.stats()
+            r = run_open_loop(engine, pool, qps, int(2 * qps), seed=int(qps))
+            s1 = engine.stats()
+            n = max(1, s1["gpu_batches"] - s0["gpu_batches"])
+            ms = np.percentile(r.latencies, [50, 95, 99, 100]) * 1e3 if r.latencies.size else []
+            full = s1["gc"]["collections"][2] - s0["gc"]["collections"][2]
+            print(
+                f"open loop{label}, {kind}, offered {qps:.0f}: achieved {r.achieved_qps:.0f} "
+                f"QPS, p50/p95/p99/max {' / '.join(f'{x:.1f}' for x in ms)} ms, "
+                f"{r.latencies.size / n:.1f} queries per batch, lost {r.lost}; "
+                f"full collections {full} (longest so far {s1['gc']['max_ms'][2]:.1f} ms)"
+            )
+
+
+def gc_ab(model: torch.nn.Module, pool: QueryPool, config: EngineConfig) -> None:
+    """The open loop with the collector frozen after start-up and without, alternately."""
+    import dataclasses
+
+    joining = SchedConfig(sub_batch_size=None, gpu_threshold=0, gpu_max_batch=2048)
+    batches = pool.batches
+    for rnd in range(2):
+        for freeze in (False, True):
+            engine = RecEngine(model, dataclasses.replace(config, gc_freeze=freeze))
+            memory = QueryMemory(engine, batches)
+            pool.batches = memory.batches
+            label = f" [round {rnd}, gc_freeze={freeze}]"
+            print(label, "objects frozen:", engine.stats()["gc"]["frozen_objects"])
+            open_loop(engine, pool, joining, (3000.0, 4500.0), label)
+            memory.close()
+            engine.close()
+    pool.batches = batches
+
+
 def main() -> None:
     name = sys.argv[1] if len(sys.argv) > 1 else "dlrm-rmc1"
     out = os.environ.get("OUT", "/tmp")
@@ -107,6 +156,9 @@ def main() -> None:
         cpu_workers=0, device=os.environ.get("DEV", "cuda"), queue_capacity=512,
         gpu_runner="process",
     )  # fmt: skip
+    if os.environ.get("GC") == "1":
+        gc_ab(model, pool, config)
+        return
     engine = RecEngine(model, config)
     memory = QueryMemory(engine, pool.batches)
     pool.batches = memory.batches
@@ -155,6 +207,8 @@ def main() -> None:
             f"per batch, runner host {host:.0f} us/batch, wait {wait:.0f} us/batch, "
             f"{n} batches, inputs {routes}"
         )
+    if os.environ.get("OPEN") == "1":
+        open_loop(engine, pool, joining)
     if shutil.which("py-spy"):
         pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
         runner = next(p for p in pids if process_name(p) == "recserve-gpu")

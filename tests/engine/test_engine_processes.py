@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import os
 import select
 import signal
@@ -343,3 +345,17 @@ def test_calibration_measures_the_loop_per_dispatch(engine, model) -> None:
     # CPU seconds of the loop per dispatch: some, and far less than a second (the executors'
     # own seconds come from a few completion gaps here, too noisy to compare with)
     assert 0 < service.host_cpu < 0.05 and 0 < service.host_gpu < 0.05
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_engine_freezes_the_collector_while_it_runs(model, freeze: bool) -> None:
+    gc.unfreeze()
+    config = EngineConfig(SchedConfig(sub_batch_size=None), cpu_workers=1, device="cpu")
+    config = dataclasses.replace(config, gc_freeze=freeze)
+    with RecEngine(model, config) as eng:
+        batch = QueryFactory(model.config, "uniform", seed=1).make(8)
+        eng.submit(batch).result(timeout=60)
+        stats = eng.stats()["gc"]
+        assert (stats["frozen_objects"] > 0) is freeze
+        assert len(stats["collections"]) == 3
+    assert gc.get_freeze_count() == 0  # handed back on close: a closed engine can be freed

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from recserve import gcpause
 from recserve.config import ModelConfig
 from recserve.engine.request import Completion, Query, SubBatch
 from recserve.engine.shared import (
@@ -57,6 +58,7 @@ class CpuWorkerPool:
         start_timeout: float = 300.0,
         depth: int = 2,
         wake: Callable[[], None] | None = None,
+        gc_freeze: bool = True,
     ) -> None:
         if workers < 1:
             raise ValueError("a CPU worker pool needs at least one worker")
@@ -76,7 +78,7 @@ class CpuWorkerPool:
             parent, child = ctx.Pipe()
             proc = ctx.Process(
                 target=_worker_main,
-                args=(index, str(model_path), arena.spec, self.keys, child, threads),
+                args=(index, str(model_path), arena.spec, self.keys, child, threads, gc_freeze),
                 name=f"recserve-cpu-{index}",
                 daemon=True,
             )
@@ -245,6 +247,7 @@ def _worker_main(
     keys: tuple[str, ...],
     conn: Connection,
     threads: int,
+    gc_freeze: bool = True,
 ) -> None:
     """A worker's whole life: map the weights and the arena, then answer messages until told
     to stop (``None``) or the parent goes away."""
@@ -253,6 +256,8 @@ def _worker_main(
         torch.set_num_threads(threads)
         model = load_shared_model(model_path)
         arena = StagingArena(spec)
+        if gc_freeze:
+            gcpause.freeze()
         conn.send(("ready", os.getpid()))
     except BaseException:
         conn.send(("error", traceback.format_exc(limit=4)))

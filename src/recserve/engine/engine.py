@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from recserve import gcpause
 from recserve.config import ModelConfig
 from recserve.engine.config import EngineConfig, SchedConfig
 from recserve.engine.core import Clock, EngineCore
@@ -132,11 +133,16 @@ class RecEngine:
         self._spin_s = config.busy_poll_us / 1e6
         self._pool: CpuWorkerPool | None = None
         self._gpu: GpuRunner | GpuProcessRunner | None = None
+        self._gc = gcpause.monitor()
+        self._frozen = False
         try:
             self._start_executors(model, config, ids_per_item)
         except BaseException:
             self._shutdown_executors()
             raise
+        if config.gc_freeze:  # started: what is alive now is the libraries', the model's, ours
+            gcpause.freeze()
+            self._frozen = True
         scheduler = Scheduler(
             config.sched, has_cpu=self._pool is not None, has_gpu=self._gpu is not None
         )
@@ -211,6 +217,7 @@ class RecEngine:
                         ids_per_item,
                         config.stage_threads,
                         config.join_on_device,
+                        config.gc_freeze,
                     ),
                     self._waker.wake,
                 )
@@ -225,6 +232,7 @@ class RecEngine:
                         config.worker_threads,
                         depth=config.cpu_queue_depth,
                         wake=self._waker.wake,
+                        gc_freeze=config.gc_freeze,
                     )
                 finally:
                     staging.unlink()
@@ -288,6 +296,7 @@ class RecEngine:
         out["busy_poll_us"] = self.engine_config.busy_poll_us
         out["busy_poll_max_outstanding"] = self.engine_config.busy_poll_max_outstanding
         out["loop_cpu_s"] = self._loop_cpu_s
+        out["gc"] = self._gc.snapshot()
         if isinstance(self._gpu, GpuProcessRunner):
             out["gpu_zero_copy_batches"] = self._gpu.zero_copy_batches
             out["gpu_batches_by_input"] = dict(zip(INPUT_ROUTES, self._gpu.routes, strict=True))
@@ -312,6 +321,8 @@ class RecEngine:
         self.core.fail_all(EngineClosed("the engine stopped before answering"))
         self._shutdown_executors()
         self._waker.close()
+        if self._frozen:
+            gcpause.unfreeze()
 
     # -- control ------------------------------------------------------------------------------
 

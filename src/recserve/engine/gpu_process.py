@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from recserve import gcpause
 from recserve.engine.batching import Copier, HostBuffers, concat_batches
 from recserve.engine.gpu_runner import split_output
 from recserve.engine.request import Completion, Query
@@ -59,6 +60,8 @@ _PART = struct.Struct("<qqqqqq")
 """One query of a batch the runner joins: region, dense, ids and offsets byte offsets, items,
 ids."""
 _STOP, _MAP, _UNMAP = -1, -2, -3
+SLOW_GC_MS = 5.0
+"""The runner logs a garbage collection longer than this (every batch in flight waits)."""
 _JOINED = -2
 _REPLY = struct.Struct("<qqqqq")
 """Runner -> engine: slot, how its inputs were read (one of :data:`INPUT_ROUTES`), the
@@ -118,6 +121,8 @@ class RunnerSpec:
     in the runner's."""
     join_on_device: bool = True
     """Join batches of queries in page-locked shared regions on the device (``EngineConfig``'s)."""
+    gc_freeze: bool = True
+    """Freeze the garbage collector's view once built (``EngineConfig``'s)."""
 
 
 def runner_buckets(top: int) -> tuple[int, ...]:
@@ -425,6 +430,9 @@ def _runner_main(spec: RunnerSpec, conn: Connection) -> None:
             model, pipeline = _build(spec, device)
         arena = StagingArena(spec.arena)
         registered = device.type == "cuda" and _register(arena)
+        gcpause.monitor(slow_ms=SLOW_GC_MS)  # a long pause here stalls every batch: say so
+        if spec.gc_freeze:
+            gcpause.freeze()
         conn.send(
             (
                 "ready",

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from recserve import gcpause
 from recserve.config import ModelConfig
 from recserve.polling import PollingSelector, light_load
 from recserve.procname import set_process_name
@@ -472,6 +473,7 @@ async def _serve_frontend(spec: FrontendSpec, selector: PollingSelector | None =
     ready: dict[str, Any] = {"op": "ready", "index": spec.index}
     if arena is not None:
         ready.update(arena=arena.path, arena_size=arena.size)
+    gcpause.freeze()  # full collections while serving skip the libraries' objects
     core.send(ready)
     await core.stopping.wait()
     closing = []
