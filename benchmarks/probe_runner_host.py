@@ -7,14 +7,17 @@ a tight loop calling the runner's own pipeline on the same queries. This probe s
   enqueued) and its whole time (after copying the answer to the host);
 - the engine at 1, 4 and 16 queries in flight, with the runner's host time and device wait
   per batch (the runner reports both);
-- the pipeline alone on 1, 2, 4 and 8 queries joined into one batch (inputs already on the
-  device, synchronised each call): whether the device's time grows with the items, in which
-  case joining queries cannot raise the GPU's throughput;
+- the pipeline alone on 1, 2, 4 and 8 queries joined into one page-locked host batch (copies
+  in, forward, synchronised each call): whether the time per query falls as queries are
+  joined, or grows with the items so that joining cannot raise the GPU's throughput;
 - the engine joining queued queries (T=0, cap 2048, no delay and 0.5 ms) at 16 and 64 in
   flight, with how the runner read its inputs and the queries per batch;
 - with ``OPEN=1``: the engine under open-loop Poisson arrivals (what ``bench serve`` offers),
   each query alone and joined, at a few loads for 2 s each: achieved QPS, p50 / p95 / p99 /
   max latency and queries per batch (``bench serve``'s probes last 0.4 s);
+- with ``GC=1`` instead of all the above: that open loop with the garbage collector frozen
+  after start-up (``EngineConfig.gc_freeze``) and not, alternately, twice, with the engine
+  process's full collections in each run (the runner logs any collection over 5 ms);
 - a py-spy profile of the runner process (and of this process, the engine's loop thread) at 4
   in flight, when ``py-spy`` is on the PATH: the most-sampled lines, self and inclusive.
 
@@ -30,6 +33,7 @@ scale (default ``paper``).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import statistics
@@ -128,8 +132,6 @@ def open_loop(
 
 def gc_ab(model: torch.nn.Module, pool: QueryPool, config: EngineConfig) -> None:
     """The open loop with the collector frozen after start-up and without, alternately."""
-    import dataclasses
-
     joining = SchedConfig(sub_batch_size=None, gpu_threshold=0, gpu_max_batch=2048)
     batches = pool.batches
     for rnd in range(2):

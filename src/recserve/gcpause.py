@@ -13,8 +13,8 @@ walks only what was made since. recserve's own processes (the GPU runner, the CP
 server's front ends and engine process) freeze once started; the engine freezes the process
 that creates it unless ``EngineConfig.gc_freeze`` is off, and hands them back to the collector
 (:func:`unfreeze`) when it closes: an object frozen while alive that then becomes cyclic
-garbage is not collected until then (a closed engine's model must not stay behind). :class:`PauseMonitor` times every collection by
-generation (``RecEngine.stats()["gc"]``)."""
+garbage is not collected until then (a closed engine's model must not stay behind).
+:class:`PauseMonitor` times every collection by generation (``RecEngine.stats()["gc"]``)."""
 
 from __future__ import annotations
 
