@@ -210,8 +210,8 @@ def run(args: argparse.Namespace) -> int:
     # The event loop shares the GIL with engine threads that run torch ops (most of which keep
     # the GIL); a short switch interval bounds how long a request waits for its turn.
     sys.setswitchinterval(float(os.environ.get("RECSERVE_SWITCH_INTERVAL", "0.0005")))
+    engine = args.engine = resolve_engine(args.engine, args.device)  # once: auto looks at CUDA
     settings = settings_from_args(args)
-    engine = resolve_engine(args.engine, args.device)
     logging.getLogger("recserve.serve").info(
         "engine %s on %s, %d front-end processes",
         engine,

@@ -134,7 +134,6 @@ class RecEngine:
         self._pool: CpuWorkerPool | None = None
         self._gpu: GpuRunner | GpuProcessRunner | None = None
         self._gc = gcpause.monitor()
-        self._frozen = False
         try:
             self._start_executors(model, config, ids_per_item)
         except BaseException:
@@ -142,7 +141,6 @@ class RecEngine:
             raise
         if config.gc_freeze:  # started: what is alive now is the libraries', the model's, ours
             gcpause.freeze()
-            self._frozen = True
         scheduler = Scheduler(
             config.sched, has_cpu=self._pool is not None, has_gpu=self._gpu is not None
         )
@@ -321,7 +319,7 @@ class RecEngine:
         self.core.fail_all(EngineClosed("the engine stopped before answering"))
         self._shutdown_executors()
         self._waker.close()
-        if self._frozen:
+        if self.engine_config.gc_freeze:
             gcpause.unfreeze()
 
     # -- control ------------------------------------------------------------------------------
